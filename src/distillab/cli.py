@@ -1,0 +1,159 @@
+"""The `distillab` command: parses arguments, calls the library, prints errors as one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from distillab.errors import DistillabError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args) or 0
+    except DistillabError as exc:
+        if args.debug:
+            raise
+        print(f"distillab: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("distillab: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distillab", description="Knowledge distillation for vision models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a run from a YAML config")
+    p.add_argument("config", nargs="?", type=Path, help="YAML run config (optional with --resume)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.epochs=10 (repeatable)")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run in place")
+    p.add_argument("--force", action="store_true", help="start an existing run directory again from scratch")
+    _debug_flag(p)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="test accuracy of a run's saved student")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the run's config (e.g. data.root)")
+    _debug_flag(p)
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("demo", help="train a teacher and distil students on scikit-learn's digits (~1 min)")
+    p.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--seeds", type=int, default=1, help="student runs per method")
+    _debug_flag(p)
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("models", help="list the model zoo with parameter counts")
+    p.add_argument("--num-classes", type=int, default=100)
+    _debug_flag(p)
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("methods", help="list the registered methods and their options")
+    _debug_flag(p)
+    p.set_defaults(func=_methods)
+    return parser
+
+
+def _debug_flag(p: argparse.ArgumentParser) -> None:
+    """`--debug` accepted after the subcommand too (SUPPRESS keeps it from resetting the global flag)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from distillab.config import load_config
+    from distillab.run import load_run_config, train_run
+
+    if args.resume is not None:
+        if args.config is not None:
+            raise DistillabError("with --resume the run's own config.yaml is used: drop the config argument "
+                                 "(use --set to change a field, e.g. train.epochs)")
+        cfg = load_run_config(args.resume, args.overrides)
+    elif args.config is None:
+        raise DistillabError("train needs a config file (or --resume RUN_DIR)")
+    else:
+        cfg = load_config(args.config, args.overrides)
+    summary = train_run(cfg, resume=args.resume is not None, force=args.force)
+    Console().print(f"[bold green]done[/]: test {summary['test_acc']:.2f}% -> {cfg.run_dir}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from distillab import models
+    from distillab.data import load_splits
+    from distillab.engine.checkpoint import load_weights
+    from distillab.engine.evaluate import evaluate
+    from distillab.engine.trainer import resolve_device
+    from distillab.run import load_run_config
+
+    cfg = load_run_config(args.run_dir, args.overrides)
+    data = load_splits(cfg.data)
+    student = models.build(cfg.student.name, num_classes=data.num_classes, in_channels=data.image_shape[0],
+                           **cfg.student.kwargs)
+    load_weights(student, args.run_dir, "student")
+    device = resolve_device(cfg.train.device)
+    student.to(device)
+    table = Table(title=f"{args.run_dir}: {cfg.student.name}")
+    for col in ("split", "images", "top-1 %", "loss"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split, dataset in (("val", data.val), ("test", data.test)):
+        if dataset is not None:
+            r = evaluate(student, dataset, device=device, batch_size=cfg.train.eval_batch_size)
+            table.add_row(split, f"{len(dataset):,}", f"{r['acc']:.2f}", f"{r['loss']:.4f}")
+    Console().print(table)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from distillab.demo import run_demo
+
+    run_demo(args.output_dir, seeds=args.seeds)
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from distillab import models
+
+    table = Table(title=f"distillab model zoo (parameters at {args.num_classes} classes)")
+    table.add_column("model")
+    table.add_column("parameters", justify="right")
+    table.add_column("stage channels", justify="left")
+    for name in models.available():
+        model = models.build(name, num_classes=args.num_classes)
+        table.add_row(name, f"{sum(p.numel() for p in model.parameters()):,}",
+                      ", ".join(map(str, model.stage_channels)))
+    Console().print(table)
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from distillab import methods
+
+    table = Table(title="distillab methods")
+    table.add_column("method")
+    table.add_column("teacher")
+    table.add_column("what it is")
+    table.add_column("options (defaults)")
+    for name, cls in methods.available().items():
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+        options = ", ".join(f"{k}={f.default}" for k, f in cls.Options.model_fields.items())
+        table.add_row(name, "yes" if cls.requires_teacher else "no", doc[0] if doc else "", options)
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

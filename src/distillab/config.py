@@ -1,0 +1,205 @@
+"""Run configuration: pydantic models, YAML files and `--set a.b=c` overrides.
+
+Every model forbids unknown keys, so a misspelt field is an error that names the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distillab.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(StrictModel):
+    """Batch augmentation done on the device: random crop with zero padding, horizontal flip."""
+
+    crop_padding: int = Field(4, ge=0, description="pixels of zero padding before the random crop; 0 = off")
+    flip: bool = Field(True, description="random horizontal flip with probability 1/2")
+
+
+class DataConfig(StrictModel):
+    name: Literal["digits", "fashion_mnist", "cifar10", "cifar100"] = "digits"
+    root: Path | None = Field(None, description="folder holding (or receiving) the dataset files")
+    download: bool = Field(True, description="download missing files from the official site when online")
+    val_size: int = Field(0, ge=0, description="training images held out as a validation split")
+    train_subset: int | None = Field(None, gt=0, description="use a seeded random subset of the training set")
+    test_subset: int | None = Field(None, gt=0, description="use the first N test images")
+    split_seed: int = Field(0, description="seed of the validation split and the subsets")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class ModelConfig(StrictModel):
+    name: str
+    checkpoint: Path | None = Field(
+        None, description="weights: a run directory, a .pt/.pth state dict, or a .safetensors file"
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments of the zoo factory")
+
+
+class MethodConfig(StrictModel):
+    name: str = "kd"
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's own options")
+
+
+class OptimConfig(StrictModel):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm; null = off")
+
+
+class ScheduleConfig(StrictModel):
+    name: Literal["step", "cosine", "constant"] = "step"
+    milestones: list[int] = Field(default_factory=lambda: [150, 180, 210])
+    gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warm-up from 0, in (fractional) epochs")
+    min_lr: float = Field(0.0, ge=0, description="floor of the cosine schedule")
+
+    @model_validator(mode="after")
+    def _milestones_increase(self) -> ScheduleConfig:
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:], strict=False)):
+            raise ValueError(f"milestones must increase strictly, got {self.milestones}")
+        if any(m <= 0 for m in self.milestones):
+            raise ValueError(f"milestones are epochs counted from 1, got {self.milestones}")
+        return self
+
+
+class TrainConfig(StrictModel):
+    epochs: int = Field(240, gt=0)
+    batch_size: int = Field(64, gt=0)
+    eval_batch_size: int = Field(256, gt=0)
+    drop_last: bool = Field(False, description="drop the last partial batch of each epoch")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
+    compile: bool = Field(False, description="torch.compile the method")
+    channels_last: bool = Field(False, description="channels-last memory format (helps on GPU)")
+    deterministic: bool = Field(False, description="deterministic algorithms (slower on GPU)")
+    tensorboard: bool = False
+    progress: bool = Field(True, description="rich progress bar")
+    checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints")
+
+    @model_validator(mode="after")
+    def _milestones_inside_run(self) -> TrainConfig:
+        if self.schedule.name == "step" and any(m > self.epochs for m in self.schedule.milestones):
+            raise ValueError(
+                f"schedule.milestones {self.schedule.milestones} lie beyond epochs={self.epochs}; "
+                "set train.schedule.milestones to epochs inside the run"
+            )
+        if self.schedule.warmup_epochs > self.epochs:
+            raise ValueError(f"schedule.warmup_epochs={self.schedule.warmup_epochs} exceeds epochs={self.epochs}")
+        return self
+
+
+class RunConfig(StrictModel):
+    name: str | None = Field(None, description="run directory name; default <method>_<student>_<data>_s<seed>")
+    output_dir: Path = Path("runs")
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: ModelConfig | None = None
+    student: ModelConfig
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.method.name}_{self.student.name}_{self.data.name}_s{self.seed}"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.run_name
+
+
+def format_validation_error(err: ValidationError, model: type[BaseModel], where: str = "") -> str:
+    """One line per problem: `field.path: what is wrong (got value)`, with a suggestion for misspelt keys."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(model, e["loc"][:-1]), n=1)
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{where}{loc}: {msg}" if loc else f"{where}{msg}")
+    return "; ".join(lines)
+
+
+def _known_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)]
+        sub = next((a for a in candidates if issubclass(a, BaseModel)), None)
+        if sub is None:
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (`1e-3`, `true`, `[1, 2]`)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set train.epochs=10")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty part in key {key!r}")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {part!r} holds a value, not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({exc.problem})") from exc
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config, apply overrides, validate. Raises ConfigError with one clear line."""
+    tree: dict[str, Any] = dict(base or {})
+    where = ""
+    if path is not None:
+        path = Path(path)
+        where = f"{path}: "
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        tree.update(loaded)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, RunConfig, where)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

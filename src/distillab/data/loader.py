@@ -1,0 +1,160 @@
+"""DeviceLoader: batches of a whole in-memory dataset, shuffled, sharded and augmented on the device.
+
+Reproducibility: every random choice is a pure function of (seed, epoch, rank, batch index), so an
+epoch yields the same batches whatever ran before it, on CPU and GPU alike (the random numbers are drawn
+on the CPU and moved to the device). Call `set_epoch(epoch)` before each epoch, like a
+DistributedSampler; `set_epoch(epoch, start_batch=k)` resumes an interrupted epoch at batch k.
+
+Sharding (world_size > 1): rank r takes every world_size-th entry of the epoch's permutation, starting
+at r. So that all ranks run the same number of steps, the permutation is first padded by repeating its
+beginning up to a multiple of world_size (drop_last=False) or its tail is cut off (drop_last=True).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from distillab.config import AugmentConfig
+from distillab.data.base import ImageDataset
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed mixed from the parts (stable across processes and Python versions)."""
+    text = "/".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def crop_flip(images: torch.Tensor, padding: int, offsets: torch.Tensor | None,
+              flips: torch.Tensor | None) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip of a whole batch, in one gather.
+
+    `offsets` is B x 2 (row, column) in [0, 2*padding]: output pixel (r, k) of image i is pixel
+    (r + offsets[i, 0] - padding, k + offsets[i, 1] - padding) of the input, or 0 outside it. `flips`
+    (B bools) mirrors the cropped image left-right. Works on any dtype; shape is unchanged.
+    """
+    b, c, h, w = images.shape
+    dev = images.device
+    rows = torch.arange(h, device=dev).expand(b, h)
+    cols = torch.arange(w, device=dev).expand(b, w)
+    if offsets is not None and padding > 0:
+        images = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+        rows = rows + offsets[:, :1]
+        cols = cols + offsets[:, 1:]
+    if flips is not None:
+        cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch_index = torch.arange(b, device=dev)[:, None, None, None]
+    channel_index = torch.arange(c, device=dev)[None, :, None, None]
+    return images[batch_index, channel_index, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class DeviceLoader:
+    """Iterates `(x, y)` batches: x float32 N x C x H x W normalised ((x/255 - mean)/std), y int64.
+
+    The uint8 dataset is copied to `device` once. `shuffle=False, augment=None` gives an evaluation
+    loader (dataset order). With `drop_last`, the last partial batch is dropped. No worker processes.
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, *, device: str | torch.device = "cpu",
+                 shuffle: bool = True, augment: AugmentConfig | None = None, drop_last: bool = False,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        n = len(dataset)
+        if n == 0:
+            raise ValueError(f"{dataset.name or 'dataset'} is empty")
+        self.dataset_size = n
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.channels_last = channels_last
+        self.padding = augment.crop_padding if augment is not None else 0
+        self.flip = augment.flip if augment is not None else False
+        self.shard_size = n // world_size if drop_last else math.ceil(n / world_size)
+        if self.shard_size == 0:
+            raise ValueError(f"{n} images cannot be shared by {world_size} ranks with drop_last")
+        if drop_last and batch_size > self.shard_size:
+            per = f" per rank ({world_size} ranks)" if world_size > 1 else ""
+            raise ValueError(f"batch_size={batch_size} exceeds the {self.shard_size} images of "
+                             f"{dataset.name or 'the dataset'}{per}; with drop_last no batch would remain")
+        self.name = dataset.name
+        self.num_classes = dataset.num_classes
+        self.images = dataset.images.to(self.device)
+        self.labels = dataset.labels.to(self.device)
+        mean = torch.tensor(dataset.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        std = torch.tensor(dataset.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._scale = 1.0 / (255.0 * std)  # (x/255 - mean)/std == x * scale - shift
+        self._shift = mean / std
+        self.epoch = 0
+        self._start_batch = 0
+
+    @property
+    def augmenting(self) -> bool:
+        return self.padding > 0 or self.flip
+
+    @property
+    def num_samples(self) -> int:
+        """Images this rank yields per epoch."""
+        if self.drop_last:
+            return len(self) * self.batch_size
+        return self.shard_size
+
+    def __len__(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        if self.drop_last:
+            return self.shard_size // self.batch_size
+        return math.ceil(self.shard_size / self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the epoch's shuffle and augmentation; the next iteration starts at `start_batch`."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch={start_batch} outside 0..{len(self)}")
+        self.epoch = epoch
+        self._start_batch = start_batch
+
+    def epoch_indices(self, epoch: int | None = None) -> torch.Tensor:
+        """Dataset indices this rank visits in `epoch` (default: the current one), in order, on the CPU."""
+        epoch = self.epoch if epoch is None else epoch
+        n = self.dataset_size
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(derive_seed("perm", self.seed, epoch))
+            order = torch.randperm(n, generator=gen)
+        else:
+            order = torch.arange(n)
+        total = self.shard_size * self.world_size
+        if total > n:  # pad by wrapping around to the beginning
+            order = order.repeat(math.ceil(total / n))
+        order = order[:total]
+        return order[self.rank :: self.world_size]
+
+    def _augment_params(self, batch: int, size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        gen = torch.Generator().manual_seed(derive_seed("augment", self.seed, self.epoch, self.rank, batch))
+        offsets = flips = None
+        if self.padding > 0:
+            offsets = torch.randint(0, 2 * self.padding + 1, (size, 2), generator=gen).to(self.device)
+        if self.flip:
+            flips = (torch.rand(size, generator=gen) < 0.5).to(self.device)
+        return offsets, flips
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        start, self._start_batch = self._start_batch, 0
+        indices = self.epoch_indices().to(self.device)
+        for b in range(start, len(self)):
+            idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augmenting:
+                offsets, flips = self._augment_params(b, len(idx))
+                x = crop_flip(x, self.padding, offsets, flips)
+            x = x.float().mul_(self._scale).sub_(self._shift)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]

@@ -1,0 +1,1 @@
+"""Training engine: the one loop every method runs in, checkpoints, evaluation, logging."""

@@ -1,0 +1,24 @@
+"""Errors meant for people: the CLI prints their message as one line, without a traceback."""
+
+
+class DistillabError(Exception):
+    """Base class of every error whose message alone tells the user what to fix."""
+
+
+class ConfigError(DistillabError):
+    """A config file, field or override is wrong."""
+
+
+class DataError(DistillabError):
+    """A data file is missing, truncated, corrupt or of the wrong format."""
+
+
+class CheckpointError(DistillabError):
+    """A checkpoint cannot be read, or does not match the model it is loaded into."""
+
+
+class UnknownNameError(DistillabError, KeyError):
+    """A model, method or dataset name is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])

@@ -1,0 +1,165 @@
+"""The Method contract and the method registry.
+
+A method is an `nn.Module` built from `(student, teacher, **options)`. It owns its side modules
+(connectors, regressors, ...), so they are trained, checkpointed and wrapped for DDP with the
+student, and never leak into the student's own state dict. `forward(images, labels)` returns the
+student logits and a dict of *weighted* named loss terms; the trainer sums and logs them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import pkgutil
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from distillab.config import format_validation_error
+from distillab.errors import ConfigError, UnknownNameError
+from distillab.features import FeatureTap, feature_shapes
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's options; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Method(nn.Module):
+    """Base class: holds the student and a frozen teacher, validates options, defines the contract.
+
+    Subclasses set `Options` (a `MethodOptions` subclass with the spec's defaults) and implement
+    `forward`. `epoch` / `num_epochs` are set by the trainer before each epoch (0-based epoch),
+    for methods with warm-ups.
+    """
+
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    requires_teacher: ClassVar[bool] = True
+    name: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        *,
+        input_shape: tuple[int, int, int] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__()
+        self.opts = validate_options(type(self), options)
+        if teacher is None and self.requires_teacher:
+            raise ConfigError(f"method {self.name!r} needs a teacher: set teacher.name (and teacher.checkpoint)")
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+        self.input_shape = tuple(input_shape or getattr(student, "input_size", (3, 32, 32)))
+        self.epoch = 0
+        self.num_epochs = 1
+        self._taps: list[FeatureTap] = []
+
+    # -- contract -------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def deploy_student(self) -> nn.Module:
+        """The network a user ships (plain student unless a method re-parameterises it)."""
+        return self.student
+
+    def set_progress(self, epoch: int, num_epochs: int) -> None:
+        self.epoch, self.num_epochs = epoch, num_epochs
+
+    def train(self, mode: bool = True) -> Method:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher is frozen, whatever the wrapper's mode
+        return self
+
+    # -- helpers for subclasses -----------------------------------------------------------
+    def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Teacher logits without autograd (taps on the teacher fill as a side effect)."""
+        with torch.no_grad():
+            return self.teacher(images)
+
+    def tap(self, model: nn.Module, names: Iterable[str]) -> FeatureTap:
+        """A feature tap kept for the life of the method."""
+        tap = FeatureTap(model, names)
+        self._taps.append(tap)
+        return tap
+
+    def shapes(self, model: nn.Module, names: Iterable[str]) -> dict[str, tuple]:
+        """Feature shapes (without batch) for one input of `input_shape`, by a dry forward pass."""
+        return feature_shapes(model, names, self.input_shape)
+
+    def side_modules(self) -> dict[str, nn.Module]:
+        """Trainable modules owned by the method besides the student."""
+        return {n: m for n, m in self.named_children() if n not in ("student", "teacher")}
+
+    def side_parameter_count(self) -> int:
+        return sum(p.numel() for m in self.side_modules().values() for p in m.parameters())
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Student and side modules; the teacher is left out (it is loaded from its own file)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the method: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+
+
+def validate_options(cls: type[Method], options: dict[str, Any]) -> MethodOptions:
+    try:
+        return cls.Options(**options)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, cls.Options, "method.options.")) from None
+
+
+def register(name: str):
+    """Class decorator: register a Method subclass under `name`."""
+
+    def add(cls: type[Method]) -> type[Method]:
+        if name in _METHODS and _METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} is registered twice")
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def _load_builtin_methods() -> None:
+    """Import every module of this package, so that adding a method is adding one file."""
+    import distillab.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "base":
+            importlib.import_module(f"distillab.methods.{info.name}")
+
+
+def available() -> dict[str, type[Method]]:
+    _load_builtin_methods()
+    return dict(sorted(_METHODS.items()))
+
+
+def get(name: str) -> type[Method]:
+    methods = available()
+    if name not in methods:
+        close = difflib.get_close_matches(name, methods, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UnknownNameError(f"unknown method {name!r}{hint} (see `distillab methods`)")
+    return methods[name]
+
+
+def build(name: str, student: nn.Module, teacher: nn.Module | None = None, **options: Any) -> Method:
+    """Build the registered method `name` with the spec's defaults, overridden by `options`."""
+    return get(name)(student, teacher, **options)

@@ -1,0 +1,45 @@
+"""Build zoo models by name: `build("resnet8x4", num_classes=100, in_channels=3)`."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+
+from torch import nn
+
+from distillab.errors import UnknownNameError
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register a model factory `f(num_classes=..., in_channels=..., **kw)` under `name`."""
+
+    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        _MODELS[name] = factory
+        return factory
+
+    return add
+
+
+def available() -> list[str]:
+    """Names of every registered model, sorted."""
+    _load_zoo()
+    return sorted(_MODELS)
+
+
+def build(name: str, num_classes: int = 100, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Instantiate the zoo model `name`; unknown names get the closest valid suggestion."""
+    _load_zoo()
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, _MODELS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UnknownNameError(f"unknown model {name!r}{hint} (see `distillab models`)")
+    return _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def _load_zoo() -> None:
+    """Import the zoo modules so that their `@register` decorators run."""
+    from distillab.models import zoo  # noqa: F401

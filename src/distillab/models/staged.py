@@ -1,0 +1,98 @@
+"""The StagedNet interface every zoo model implements: stem, stages, head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ClassifierHead(nn.Module):
+    """`pre` (optional conv/BN-ReLU on the last map), global average pool, flatten, `fc`.
+
+    Tapping `head.pre` gives the pre-pool feature map; `head.pool` the pooled vector; `head.fc` the logits.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, pre: nn.Module | None = None) -> None:
+        super().__init__()
+        self.pre = pre if pre is not None else nn.Identity()
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.pre(h)))
+
+
+class StagedNet(nn.Module):
+    """A classifier seen as `head(stages[n-1](...stages[0](stem(x))))`.
+
+    Each stage is an `nn.Sequential` of blocks, so block outputs can be tapped as `stages.i.j`.
+    `forward_from(i, h)` runs stages i.. and the head on `h`, the input of stage i (the stem
+    output for i = 0); `forward_from(len(stages), h)` runs the head alone.
+    """
+
+    stem: nn.Module
+    stages: nn.ModuleList
+    head: ClassifierHead
+
+    def __init__(self, in_channels: int = 3) -> None:
+        super().__init__()
+        self._in_channels = in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_from(0, self.stem(x))
+
+    def forward_from(self, stage_index: int, h: torch.Tensor) -> torch.Tensor:
+        if not 0 <= stage_index <= len(self.stages):
+            raise IndexError(f"stage_index must be in [0, {len(self.stages)}], got {stage_index}")
+        for stage in self.stages[stage_index:]:
+            h = stage(h)
+        return self.head(h)
+
+    @property
+    def stage_channels(self) -> list[int]:
+        """Output channels of each stage, found by a dry forward pass at the model's native size."""
+        return [c for c, _, _ in self.stage_shapes()]
+
+    def stage_shapes(self, input_size: tuple[int, int, int] | None = None) -> list[tuple[int, int, int]]:
+        """(C, H, W) of every stage output for one input of `input_size` (default: the model's own)."""
+        size = input_size or self.input_size
+        was_training = self.training
+        self.eval()
+        shapes = []
+        try:
+            param = next(self.parameters())
+            with torch.no_grad():
+                h = self.stem(torch.zeros(1, *size, dtype=param.dtype, device=param.device))
+                for stage in self.stages:
+                    h = stage(h)
+                    shapes.append(tuple(h.shape[1:]))
+        finally:
+            self.train(was_training)
+        return shapes
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """The input the model was designed for: (in_channels, 32, 32)."""
+        return (self.in_channels, 32, 32)
+
+    @property
+    def in_channels(self) -> int:
+        return self._in_channels
+
+    @property
+    def feature_names(self) -> list[str]:
+        """Tap names of the stage outputs, shallow to deep."""
+        return [f"stages.{i}" for i in range(len(self.stages))]
+
+    @property
+    def prepool_name(self) -> str:
+        """Tap name of the map that the head pools (after the head's `pre` module)."""
+        return "head.pre"
+
+    @property
+    def pooled_name(self) -> str:
+        return "head.pool"
+
+    @property
+    def logits_name(self) -> str:
+        return "head.fc"

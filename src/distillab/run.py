@@ -1,0 +1,85 @@
+"""From a validated RunConfig to a finished run directory: data, models, method, trainer."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from distillab import methods, models
+from distillab.config import RunConfig, dump_config, load_config
+from distillab.data import DataSplits, load_splits
+from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights
+from distillab.engine.trainer import SUMMARY_FILE, Trainer
+from distillab.errors import ConfigError, DistillabError
+
+CONFIG_FILE = "config.yaml"
+
+
+def build_method(cfg: RunConfig, data: DataSplits) -> tuple[methods.Method, dict[str, Any]]:
+    """The teacher (weights loaded), the student (seeded init) and the method around them."""
+    num_classes, shape = data.num_classes, data.image_shape
+    info: dict[str, Any] = {"run": cfg.run_name, "student": cfg.student.name, "dataset": cfg.data.name}
+    teacher = None
+    method_cls = methods.get(cfg.method.name)
+    if method_cls.requires_teacher:
+        if cfg.teacher is None:
+            raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.name and teacher.checkpoint")
+        if cfg.teacher.checkpoint is None:
+            raise ConfigError("teacher.checkpoint is not set: an untrained teacher teaches nothing "
+                              "(train one with method ce and point teacher.checkpoint at its run directory)")
+        teacher = models.build(cfg.teacher.name, num_classes=num_classes, in_channels=shape[0],
+                               **cfg.teacher.kwargs)
+        info["teacher"] = cfg.teacher.name
+        info["teacher_sha256"] = load_weights(teacher, cfg.teacher.checkpoint, "teacher")
+    torch.manual_seed(cfg.seed)
+    student = models.build(cfg.student.name, num_classes=num_classes, in_channels=shape[0], **cfg.student.kwargs)
+    method = methods.build(cfg.method.name, student, teacher, input_shape=shape, **cfg.method.options)
+    return method, info
+
+
+def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
+    """A run directory is never overwritten unless `force`; `resume` continues one in place."""
+    exists = run_dir.exists() and any(run_dir.iterdir())
+    if exists and not (resume or force):
+        raise DistillabError(f"{run_dir} already exists: pass --resume to continue it or --force to "
+                             "start it again from scratch")
+    if resume and not exists:
+        raise DistillabError(f"{run_dir}: nothing to resume (no such run)")
+    if resume and (run_dir / SUMMARY_FILE).is_file() and not (run_dir / CHECKPOINT_FILE).is_file():
+        raise DistillabError(f"{run_dir} has finished and has no checkpoint to resume from")
+
+
+def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None,
+              on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train the run described by `cfg` into `cfg.run_dir`; returns its summary."""
+    console = console or Console()
+    run_dir = cfg.run_dir
+    check_run_dir(run_dir, resume, force)
+    data = load_splits(cfg.data)
+    method, info = build_method(cfg, data)
+    if force and not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
+    side = method.side_parameter_count()
+    console.print(f"[bold]{cfg.run_name}[/]: {cfg.method.name} {cfg.teacher.name + ' -> ' if cfg.teacher else ''}"
+                  f"{cfg.student.name} on {cfg.data.name} ({len(data.train)} train"
+                  f"{f', {len(data.val)} val' if data.val is not None else ''}, {len(data.test)} test); "
+                  f"side modules {side:,} params")
+    trainer = Trainer(method, data, cfg.train, seed=cfg.seed, run_dir=run_dir, info=info,
+                      augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end)
+    return trainer.fit(resume=resume)
+
+
+def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
+    """The config a run was started with, placed in `run_dir` (so a moved run resumes where it is)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise DistillabError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    cfg = load_config(run_dir / CONFIG_FILE, overrides)
+    return cfg.model_copy(update={"output_dir": run_dir.parent, "name": run_dir.name})

@@ -1,0 +1,66 @@
+import pytest
+
+from distillab.config import ScheduleConfig, load_config
+from distillab.engine.schedule import learning_rate
+from distillab.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+BASE = "student: {name: resnet8}\n"
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), ["train.optim.lr=1e-3", "seed=3", "train.schedule.milestones=[1, 2]",
+                                             "train.epochs=4"])
+    assert cfg.train.optim.lr == pytest.approx(1e-3)
+    assert cfg.seed == 3 and cfg.train.schedule.milestones == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        (BASE + "trian: {epochs: 3}\n", [], r"trian: unknown key; did you mean 'train'"),
+        (BASE, ["train.epochs=-1"], r"train\.epochs: Input should be greater than 0 \(got -1\)"),
+        (BASE, ["train.optim.lr=fast"], r"train\.optim\.lr: .*valid number"),
+        (BASE, ["train.optim.momentun=0.5"], r"train\.optim\.momentun: unknown key; did you mean 'momentum'"),
+        (BASE, ["data.name=imagenet"], r"data\.name: Input should be"),
+        (BASE, ["train.epochs=10", "train.schedule.milestones=[5, 20]"], r"beyond epochs=10"),
+        (BASE, ["train.schedule.milestones=[3, 2]"], r"increase strictly"),
+        ("teacher: {name: resnet20}\n", [], r"student: Field required"),
+        (BASE, ["train.epochs"], r"expected key=value"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML at line 2"):
+        load_config(write(tmp_path, "student: {name: resnet8}\n  bad: [\n"))
+
+
+def test_step_schedule_follows_the_cifar_protocol():
+    cfg = ScheduleConfig()  # milestones 150, 180, 210, gamma 0.1
+    lr = {e + 1: learning_rate(cfg, 0.05, e, 0, 782, 240) for e in range(240)}
+    assert lr[1] == lr[150] == pytest.approx(0.05)
+    assert lr[151] == lr[180] == pytest.approx(0.005)
+    assert lr[181] == lr[210] == pytest.approx(5e-4)
+    assert lr[211] == lr[240] == pytest.approx(5e-5)
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=2, min_lr=0.0)
+    steps = 10
+    # first step: cosine at progress 0 is the base LR, times the warm-up factor (0 + 1/10) / 2
+    assert learning_rate(cfg, 0.1, 0, 0, steps, 20) == pytest.approx(0.005)
+    mid = learning_rate(cfg, 0.1, 10, 0, steps, 20)
+    assert mid == pytest.approx(0.05)
+    assert learning_rate(cfg, 0.1, 19, steps - 1, steps, 20) < 0.001

@@ -1,0 +1,138 @@
+"""Tiny real runs on scikit-learn's digits through the same path as `distillab train`."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distillab.config import load_config
+from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from distillab.engine.trainer import NonFiniteLossError
+from distillab.errors import CheckpointError, ConfigError, DistillabError
+from distillab.run import load_run_config, train_run
+
+TINY = [
+    "data.name=digits", "data.val_size=200", "data.augment.crop_padding=1", "data.augment.flip=false",
+    "train.epochs=2", "train.batch_size=64", "train.schedule.name=cosine", "train.optim.lr=0.05",
+    "train.progress=false",
+]
+
+
+def config(tmp_path, *extra, name="run"):
+    return load_config(None, [*TINY, f"output_dir={tmp_path}", f"name={name}", *extra],
+                       base={"student": {"name": "resnet8"}})
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    cfg = load_config(None, [*TINY, f"output_dir={out}", "name=teacher", "method.name=ce", "train.epochs=3"],
+                      base={"student": {"name": "resnet14"}})
+    train_run(cfg)
+    return cfg.run_dir
+
+
+def test_ce_run_writes_its_files_and_learns(tmp_path):
+    cfg = config(tmp_path, "method.name=ce", "train.epochs=3")
+    summary = train_run(cfg)
+    run = cfg.run_dir
+    for f in ("config.yaml", "metrics.jsonl", "summary.json", "student.safetensors", CHECKPOINT_FILE):
+        assert (run / f).is_file(), f
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    assert summary["test_acc"] > 30.0  # chance is 10%
+    assert summary["val_acc"] is not None and summary["best_val"]["epoch"] in (1, 2, 3)
+
+
+def test_kd_run_records_the_teacher(tmp_path, teacher_run):
+    cfg = config(tmp_path, "method.name=kd", "teacher.name=resnet14", f"teacher.checkpoint={teacher_run}")
+    summary = train_run(cfg)
+    assert len(summary["teacher_sha256"]) == 64
+    assert summary["teacher_test_acc"] > 30.0
+
+
+def weights(run_dir):
+    return load_checkpoint(run_dir / CHECKPOINT_FILE)["method"]
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after_first_epoch(epoch, record):
+    if epoch == 1:
+        raise Interrupt
+
+
+@pytest.mark.parametrize("method", ["ce", "fitnet"])
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, teacher_run, method):
+    extra = [f"method.name={method}"]
+    if method != "ce":
+        extra += ["teacher.name=resnet14", f"teacher.checkpoint={teacher_run}"]
+    full = config(tmp_path, *extra, name="full")
+    train_run(full)
+    cut = config(tmp_path, *extra, name="cut")
+    with pytest.raises(Interrupt):
+        train_run(cut, on_epoch_end=interrupt_after_first_epoch)
+    assert load_checkpoint(cut.run_dir / CHECKPOINT_FILE)["epoch"] == 1
+    train_run(load_run_config(cut.run_dir), resume=True)
+    a, b = weights(full.run_dir), weights(cut.run_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert load_file(str(full.run_dir / "student.safetensors")).keys() == {
+        k.removeprefix("student.") for k in a if k.startswith("student.")
+    }
+    lines = (cut.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+def test_existing_run_is_not_overwritten_without_force(tmp_path):
+    cfg = config(tmp_path, "method.name=ce", "train.epochs=1")
+    train_run(cfg)
+    with pytest.raises(DistillabError, match=r"--resume .* or --force"):
+        train_run(cfg)
+    train_run(cfg, force=True)
+
+
+def test_nan_loss_stops_the_run_naming_step_and_terms(tmp_path):
+    cfg = config(tmp_path, "method.name=ce", "train.optim.lr=1e30", "train.epochs=1")
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 1, by step \d+ \(terms ce=nan"):
+        train_run(cfg)
+
+
+def test_teacher_checkpoint_mismatch_names_the_key(tmp_path, teacher_run):
+    cfg = config(tmp_path, "method.name=kd", "teacher.name=resnet20", f"teacher.checkpoint={teacher_run}")
+    with pytest.raises(CheckpointError, match=r"teacher weights .*: (missing|unexpected) key 'stages"):
+        train_run(cfg)
+
+
+def test_teacher_checkpoint_shape_mismatch_names_the_key(tmp_path, teacher_run):
+    cfg = config(tmp_path, "method.name=kd", "teacher.name=resnet14", f"teacher.checkpoint={teacher_run}",
+                 "data.name=digits", "teacher.kwargs={}")
+    state = load_file(str(teacher_run / "student.safetensors"))
+    state["head.fc.weight"] = torch.zeros(3, state["head.fc.weight"].shape[1])
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad))
+    cfg = config(tmp_path, "method.name=kd", "teacher.name=resnet14", f"teacher.checkpoint={bad}")
+    with pytest.raises(CheckpointError, match=r"shape mismatch at 'head.fc.weight'"):
+        train_run(cfg)
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    cfg = config(tmp_path, "method.name=ce", "train.epochs=1")
+    train_run(cfg)
+    ckpt = cfg.run_dir / CHECKPOINT_FILE
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(ckpt)
+
+
+def test_teacherless_kd_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        train_run(config(tmp_path, "method.name=kd"))
