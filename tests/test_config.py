@@ -48,7 +48,7 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path):
 
 
 def test_step_schedule_follows_the_cifar_protocol():
-    cfg = ScheduleConfig()  # milestones 150, 180, 210, gamma 0.1
+    cfg = ScheduleConfig()  # default milestones at 240 epochs: 150, 180, 210; gamma 0.1
     lr = {e + 1: learning_rate(cfg, 0.05, e, 0, 782, 240) for e in range(240)}
     assert lr[1] == lr[150] == pytest.approx(0.05)
     assert lr[151] == lr[180] == pytest.approx(0.005)
@@ -64,3 +64,24 @@ def test_cosine_schedule_with_warmup():
     mid = learning_rate(cfg, 0.1, 10, 0, steps, 20)
     assert mid == pytest.approx(0.05)
     assert learning_rate(cfg, 0.1, 19, steps - 1, steps, 20) < 0.001
+
+
+def test_base_files_are_merged_key_by_key(tmp_path):
+    (tmp_path / "common.yaml").write_text("student: {name: resnet8}\ntrain: {epochs: 7, batch_size: 32}\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: common.yaml\ntrain: {epochs: 3}\nmethod: {name: ce}\n")
+    cfg = load_config(child)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.student.name) == (3, 32, "resnet8")
+
+
+def test_missing_base_is_named(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: nowhere.yaml\nstudent: {name: resnet8}\n")
+    with pytest.raises(ConfigError, match=r"base config .*nowhere\.yaml does not exist"):
+        load_config(child)
+
+
+def test_default_milestones_scale_with_the_run():
+    cfg = ScheduleConfig()
+    lrs = [learning_rate(cfg, 1.0, e, 0, 10, 8) for e in range(8)]  # milestones 5, 6, 7
+    assert lrs == pytest.approx([1, 1, 1, 1, 1, 0.1, 0.01, 0.001])

@@ -491,3 +491,14 @@ def test_loader_same_batches_on_cuda():
     assert gpu.images.is_cuda
     for (xc, yc), (xg, yg) in zip(cpu, gpu, strict=True):
         assert xg.is_cuda and torch.equal(yc, yg.cpu()) and torch.allclose(xc, xg.cpu())
+
+
+def test_cifar100_protocol_constants_and_steps_per_epoch():
+    from distillab.data.cifar import SPECS
+
+    assert SPECS["cifar100"].mean == (0.5071, 0.4867, 0.4408)
+    assert SPECS["cifar100"].std == (0.2675, 0.2565, 0.2761)
+    n = 50_000
+    images = torch.zeros(n, 1, 1, 1, dtype=torch.uint8)
+    data = dd.ImageDataset(images, torch.zeros(n, dtype=torch.long), 100, (0.0,), (1.0,), "cifar-sized")
+    assert len(dd.DeviceLoader(data, 64)) == 782  # last batch partial, as in the protocol

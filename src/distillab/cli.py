@@ -53,9 +53,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train a teacher and distil students on scikit-learn's digits (~1 min)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--seeds", type=int, default=1, help="student runs per method")
+    p.add_argument("--seeds", type=int, default=3, help="student runs per method")
     _debug_flag(p)
     p.set_defaults(func=_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks: multi-seed suites").add_subparsers(
+        dest="bench_command", metavar="BENCH", required=True)
+    p = bench.add_parser("suite", help="run every entry of a suite file for N seeds; table into results/")
+    p.add_argument("suite", type=Path)
+    p.add_argument("--seeds", type=int, default=3)
+    _debug_flag(p)
+    p.set_defaults(func=_bench_suite)
 
     p = sub.add_parser("models", help="list the model zoo with parameter counts")
     p.add_argument("--num-classes", type=int, default=100)
@@ -121,6 +129,15 @@ def _demo(args: argparse.Namespace) -> int:
     from distillab.demo import run_demo
 
     run_demo(args.output_dir, seeds=args.seeds)
+    return 0
+
+
+def _bench_suite(args: argparse.Namespace) -> int:
+    from distillab.bench.suite import load_suite, run_suite
+
+    if args.seeds < 1:
+        raise DistillabError(f"--seeds must be at least 1, got {args.seeds}")
+    run_suite(load_suite(args.suite), args.seeds)
     return 0
 
 

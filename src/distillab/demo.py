@@ -46,24 +46,26 @@ def demo_configs(output_dir: Path, seeds: int = 1) -> tuple[RunConfig, list[RunC
     return teacher, students
 
 
-def run_demo(output_dir: Path = Path("runs/demo"), seeds: int = 1, console: Console | None = None) -> Table:
+def run_demo(output_dir: Path = Path("runs/demo"), seeds: int = 3, console: Console | None = None) -> Table:
     """Run the demo (runs in `output_dir` are started afresh) and print its table."""
     console = console or Console()
     teacher_cfg, student_cfgs = demo_configs(Path(output_dir), seeds)
     start = time.perf_counter()
-    console.rule(f"teacher: {TEACHER} trained alone on digits")
-    results: dict[str, list[dict[str, Any]]] = {"teacher (ce)": [train_run(teacher_cfg, force=True, console=console)]}
-    for cfg in student_cfgs:
-        console.rule(f"student {STUDENT}: {cfg.method.name} (seed {cfg.seed})")
-        results.setdefault(cfg.method.name, []).append(train_run(cfg, force=True, console=console))
+    results: dict[str, list[dict[str, Any]]] = {}
+    for label, cfg in [("teacher (ce)", teacher_cfg), *((c.method.name, c) for c in student_cfgs)]:
+        with console.status(f"training {cfg.run_name} ({cfg.student.name}, {cfg.method.name})"):
+            summary = train_run(cfg, force=True, console=Console(quiet=True))
+        console.print(f"{cfg.run_name:>14}: {cfg.student.name} {cfg.method.name}, test {summary['test_acc']:.2f}%, "
+                      f"{summary['wall_time_s']:.1f} s")
+        results.setdefault(label, []).append(summary)
 
-    table = Table(title=f"distillab demo: {TEACHER} -> {STUDENT} on scikit-learn digits "
-                        f"(last-epoch test accuracy, {seeds} seed(s))")
-    for col in ("run", "model", "params", "side params", "test top-1 %", "val top-1 %", "img/s"):
-        table.add_column(col, justify="left" if col in ("run", "model") else "right")
+    table = Table(title=f"distillab demo: {TEACHER} -> {STUDENT} on digits, last-epoch accuracy, "
+                        f"{seeds} seed(s)")
+    for col in ("run", "params", "side params", "test top-1 %", "val top-1 %", "img/s"):
+        table.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
     for label, runs in results.items():
         model = TEACHER if label.startswith("teacher") else STUDENT
-        table.add_row(label, model, f"{runs[0]['student_params']:,}", f"{runs[0]['side_params']:,}",
+        table.add_row(f"{model} {label}", f"{runs[0]['student_params']:,}", f"{runs[0]['side_params']:,}",
                       _mean_std([r["test_acc"] for r in runs]), _mean_std([r["val_acc"] for r in runs]),
                       f"{statistics.mean(r['images_per_s'] for r in runs):,.0f}")
     console.print(table)

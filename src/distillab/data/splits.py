@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from distillab.config import DataConfig
+from distillab.config import DataConfig, SyntheticConfig
 from distillab.data.base import DataSplits, ImageDataset
 from distillab.data.cifar import load_cifar
 from distillab.data.digits import load_digits
 from distillab.data.fashion_mnist import load_fashion_mnist
 from distillab.errors import ConfigError
+
+
+def synthetic(cfg: SyntheticConfig, seed: int) -> DataSplits:
+    """Seeded random uint8 images and labels (for speed measurements only: there is nothing to learn)."""
+    g = torch.Generator().manual_seed(seed)
+    c = cfg.image_shape[0]
+
+    def make(n: int, name: str) -> ImageDataset:
+        images = torch.randint(0, 256, (n, *cfg.image_shape), generator=g, dtype=torch.uint8)
+        labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
+        return ImageDataset(images, labels, cfg.num_classes, (0.5,) * c, (0.29,) * c, name)
+
+    return DataSplits(make(cfg.train_size, "synthetic/train"), None, make(cfg.test_size, "synthetic/test"))
 
 
 def load_dataset(cfg: DataConfig) -> DataSplits:
@@ -20,6 +33,8 @@ def load_dataset(cfg: DataConfig) -> DataSplits:
         return load_fashion_mnist(cfg.root, cfg.download)
     if cfg.name in ("cifar10", "cifar100"):
         return load_cifar(cfg.root, cfg.name, cfg.download)
+    if cfg.name == "synthetic":
+        return synthetic(cfg.synthetic, cfg.split_seed)
     raise ConfigError(f"data.name: unknown dataset {cfg.name!r}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from distillab.config import ScheduleConfig
+from distillab.config import ScheduleConfig, step_milestones
 
 
 def learning_rate(cfg: ScheduleConfig, base_lr: float, epoch: int, step: int, steps_per_epoch: int,
@@ -17,7 +17,7 @@ def learning_rate(cfg: ScheduleConfig, base_lr: float, epoch: int, step: int, st
     """
     progress = epoch + step / steps_per_epoch  # epochs done, fractional
     if cfg.name == "step":
-        lr = base_lr * cfg.gamma ** sum(epoch + 1 > m for m in cfg.milestones)
+        lr = base_lr * cfg.gamma ** sum(epoch + 1 > m for m in step_milestones(cfg, num_epochs))
     elif cfg.name == "cosine":
         lr = cfg.min_lr + (base_lr - cfg.min_lr) * 0.5 * (1 + math.cos(math.pi * progress / num_epochs))
     else:

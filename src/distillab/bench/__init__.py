@@ -1,0 +1,1 @@
+"""Benchmarks: multi-seed suites (and, later, throughput)."""

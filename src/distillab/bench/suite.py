@@ -1,0 +1,142 @@
+"""Multi-seed comparisons: run each entry of a suite for N seeds, aggregate last-epoch accuracy.
+
+A suite file names the runs to compare, each a config file plus overrides:
+
+    name: fashion_mnist_kd              # results/<name>.json and results/<name>.md
+    output_dir: runs/suites             # run directories: <output_dir>/<name>/<label>_s<seed>
+    runs:
+      ce: {config: configs/fashion_mnist/ce.yaml}
+      kd: {config: configs/fashion_mnist/kd.yaml, set: [method.options.temperature=2]}
+
+Finished runs (those with a summary.json) are skipped, so an interrupted suite resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from distillab.config import StrictModel, format_validation_error, load_config
+from distillab.engine.trainer import SUMMARY_FILE
+from distillab.errors import ConfigError
+from distillab.run import train_run
+
+
+class SuiteEntry(StrictModel):
+    config: Path
+    set: list[str] = Field(default_factory=list, description="overrides, as with --set")
+
+
+class Suite(StrictModel):
+    name: str
+    output_dir: Path = Path("runs/suites")
+    results_dir: Path = Path("results")
+    runs: dict[str, SuiteEntry]
+
+
+def load_suite(path: Path) -> Suite:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"suite file {path} does not exist")
+    try:
+        suite = Suite.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, Suite, f"{path}: ")) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return suite
+
+
+def run_suite(suite: Suite, seeds: int, console: Console | None = None) -> dict[str, Any]:
+    """Train every (entry, seed) not finished yet, then write and return the aggregate."""
+    console = console or Console()
+    configs = {
+        (label, seed): load_config(entry.config, [*entry.set, f"seed={seed}",
+                                                  f"output_dir={suite.output_dir / suite.name}",
+                                                  f"name={label}_s{seed}"])
+        for label, entry in suite.runs.items() for seed in range(seeds)
+    }  # all validated before the first run starts
+    for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
+        if (cfg.run_dir / SUMMARY_FILE).is_file():
+            console.print(f"[{i}/{len(configs)}] {cfg.run_name}: finished, skipped")
+            continue
+        console.rule(f"[{i}/{len(configs)}] {label}, seed {seed}")
+        resume = cfg.run_dir.is_dir() and any(cfg.run_dir.iterdir())
+        train_run(cfg, resume=resume, console=console)
+    results = aggregate(suite, {k: json.loads((c.run_dir / SUMMARY_FILE).read_text()) for k, c in configs.items()})
+    write_results(suite, results)
+    console.print(results_table(results))
+    return results
+
+
+def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
+    rows = {}
+    for label in suite.runs:
+        runs = [s for (lab, _), s in sorted(summaries.items()) if lab == label]
+        rows[label] = {
+            "config": str(suite.runs[label].config),
+            "overrides": suite.runs[label].set,
+            "seeds": [r["seed"] for r in runs],
+            "test_acc": _stats([r["test_acc"] for r in runs]),
+            "val_acc": _stats([r["val_acc"] for r in runs if r.get("val_acc") is not None]),
+            "best_epoch_test_acc": _stats([r["best_epoch_test_acc"] for r in runs]),
+            "images_per_s": statistics.mean(r["images_per_s"] for r in runs),
+            "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs),
+            "epochs": runs[0]["epochs"],
+            "teacher": runs[0].get("teacher"),
+            "teacher_test_acc": runs[0].get("teacher_test_acc"),
+            "teacher_sha256": runs[0].get("teacher_sha256"),
+            "student": runs[0]["student"],
+            "per_seed_test_acc": [r["test_acc"] for r in runs],
+        }
+    first = next(iter(summaries.values()))
+    return {"suite": suite.name, "dataset": first["dataset"], "environment": first["environment"], "runs": rows}
+
+
+def _stats(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _fmt(stats: dict[str, float] | None) -> str:
+    return "-" if stats is None else f"{stats['mean']:.2f} ± {stats['std']:.2f}"
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    table = Table(title=f"{results['suite']}: last-epoch accuracy, mean ± std over seeds")
+    for col in ("run", "student", "seeds", "test top-1 %", "val top-1 %", "img/s"):
+        table.add_column(col, justify="left" if col in ("run", "student") else "right")
+    for label, r in results["runs"].items():
+        table.add_row(label, r["student"], str(len(r["seeds"])), _fmt(r["test_acc"]), _fmt(r["val_acc"]),
+                      f"{r['images_per_s']:,.0f}")
+    return table
+
+
+def write_results(suite: Suite, results: dict[str, Any]) -> None:
+    suite.results_dir.mkdir(parents=True, exist_ok=True)
+    (suite.results_dir / f"{suite.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    env = results["environment"]
+    lines = [
+        f"# {suite.name}",
+        "",
+        f"Dataset {results['dataset']}; last-epoch test accuracy (validation accuracy beside it), mean ± std "
+        f"over seeds; best-epoch test accuracy only for comparison with published tables. "
+        f"torch {env['torch']}, {env['device']}, {env['threads']} threads.",
+        "",
+        "| run | teacher -> student | seeds | test top-1 % | val top-1 % | best-epoch test % | img/s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, r in results["runs"].items():
+        pair = f"{r['teacher']} -> {r['student']}" if r["teacher"] else r["student"]
+        lines.append(f"| {label} | {pair} | {len(r['seeds'])} | {_fmt(r['test_acc'])} | {_fmt(r['val_acc'])} | "
+                     f"{_fmt(r['best_epoch_test_acc'])} | {r['images_per_s']:,.0f} |")
+    (suite.results_dir / f"{suite.name}.md").write_text("\n".join(lines) + "\n")

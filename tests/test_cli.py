@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from distillab.cli import main
+
+TINY = ["--set", "data.name=digits", "--set", "data.val_size=100", "--set", "train.epochs=1",
+        "--set", "train.progress=false", "--set", "method.name=ce", "--set", "data.augment.flip=false"]
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'runs'}\nname: tiny\nstudent: {{name: resnet8}}\n")
+    return path
+
+
+def test_models_lists_the_zoo_with_parameter_counts(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet8x4" in out and "1,233,540" in out and "7,433,860" in out
+
+
+def test_methods_lists_registered_methods(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name in ("ce", "kd", "fitnet", "temperature=4.0"):
+        assert name in out
+
+
+def test_train_then_eval_reports_the_same_accuracy(config, tmp_path, capsys):
+    assert main(["train", str(config), *TINY]) == 0
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "runs" / "tiny")]) == 0
+    assert f"{summary['test_acc']:.2f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--set", "train.epocs=3"], "train.epocs: unknown key; did you mean 'epochs'?"),
+        (["--set", "train.batch_size=0"], "train.batch_size: Input should be greater than 0"),
+        (["--set", "student.name=resnet9"], "unknown model 'resnet9'; did you mean"),
+        (["--set", "method.name=kdd"], "unknown method 'kdd'; did you mean 'kd'?"),
+        (["--set", "data.train_subset=99999"], "data.train_subset=99999 exceeds"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(config, capsys, extra, message):
+    assert main(["train", str(config), *TINY, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_existing_run_needs_resume_or_force(config, capsys):
+    assert main(["train", str(config), *TINY]) == 0
+    assert main(["train", str(config), *TINY]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["train", str(config), *TINY, "--force"]) == 0
+
+
+def test_resume_takes_no_config_argument(config, tmp_path, capsys):
+    assert main(["train", str(config), "--resume", str(tmp_path)]) == 2
+    assert "drop the config argument" in capsys.readouterr().err
+
+
+def test_module_entry_point_prints_no_traceback_without_debug(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: {name: resnet8}\ntrain: {optim: {lr: -1}}\n")
+    proc = subprocess.run([sys.executable, "-m", "distillab", "train", str(bad)], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"distillab: error: {bad}: train.optim.lr: Input should be greater than 0 (got -1)"
+    proc = subprocess.run([sys.executable, "-m", "distillab", "--debug", "train", str(bad)],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

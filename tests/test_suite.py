@@ -1,0 +1,24 @@
+import json
+
+from distillab.bench.suite import load_suite, run_suite
+
+
+def test_suite_of_two_methods_two_seeds_aggregates_and_resumes(tmp_path):
+    cfg = tmp_path / "ce.yaml"
+    cfg.write_text("student: {name: resnet8}\nmethod: {name: ce}\n"
+                   "data: {name: digits, val_size: 100, train_subset: 300, augment: {flip: false}}\n"
+                   "train: {epochs: 1, batch_size: 64, progress: false}\n")
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(f"name: tiny\noutput_dir: {tmp_path / 'runs'}\nresults_dir: {tmp_path / 'results'}\n"
+                          f"runs:\n  ce: {{config: {cfg}}}\n"
+                          f"  ce_smooth: {{config: {cfg}, set: [method.options.label_smoothing=0.1]}}\n")
+    results = run_suite(load_suite(suite_file), seeds=2)
+    row = results["runs"]["ce"]
+    assert row["seeds"] == [0, 1] and row["test_acc"]["n"] == 2
+    per_seed = row["per_seed_test_acc"]
+    assert abs(row["test_acc"]["mean"] - sum(per_seed) / 2) < 1e-9
+    assert json.loads((tmp_path / "results" / "tiny.json").read_text())["runs"].keys() == {"ce", "ce_smooth"}
+    assert "| ce_smooth | resnet8 | 2 |" in (tmp_path / "results" / "tiny.md").read_text()
+    mtime = (tmp_path / "runs" / "tiny" / "ce_s0" / "summary.json").stat().st_mtime
+    run_suite(load_suite(suite_file), seeds=2)  # finished runs are skipped
+    assert (tmp_path / "runs" / "tiny" / "ce_s0" / "summary.json").stat().st_mtime == mtime
