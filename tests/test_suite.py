@@ -1,6 +1,9 @@
 import json
 
+import pytest
+
 from distillab.bench.suite import load_suite, run_suite
+from distillab.errors import ConfigError
 
 
 def test_suite_of_two_methods_two_seeds_aggregates_and_resumes(tmp_path):
@@ -19,6 +22,9 @@ def test_suite_of_two_methods_two_seeds_aggregates_and_resumes(tmp_path):
     assert abs(row["test_acc"]["mean"] - sum(per_seed) / 2) < 1e-9
     assert json.loads((tmp_path / "results" / "tiny.json").read_text())["runs"].keys() == {"ce", "ce_smooth"}
     assert "| ce_smooth | resnet8 | 2 |" in (tmp_path / "results" / "tiny.md").read_text()
-    mtime = (tmp_path / "runs" / "tiny" / "ce_s0" / "summary.json").stat().st_mtime
+    mtime = (tmp_path / "runs" / "ce_s0" / "summary.json").stat().st_mtime
     run_suite(load_suite(suite_file), seeds=2)  # finished runs are skipped
-    assert (tmp_path / "runs" / "tiny" / "ce_s0" / "summary.json").stat().st_mtime == mtime
+    assert (tmp_path / "runs" / "ce_s0" / "summary.json").stat().st_mtime == mtime
+    suite_file.write_text(suite_file.read_text().replace("label_smoothing=0.1", "label_smoothing=0.2"))
+    with pytest.raises(ConfigError, match="made from another config"):
+        run_suite(load_suite(suite_file), seeds=2)

@@ -3,12 +3,14 @@
 A suite file names the runs to compare, each a config file plus overrides:
 
     name: fashion_mnist_kd              # results/<name>.json and results/<name>.md
-    output_dir: runs/suites             # run directories: <output_dir>/<name>/<label>_s<seed>
+    output_dir: runs/fashion_mnist      # run directories: <output_dir>/<label>_s<seed>
     runs:
       ce: {config: configs/fashion_mnist/ce.yaml}
       kd: {config: configs/fashion_mnist/kd.yaml, set: [method.options.temperature=2]}
 
-Finished runs (those with a summary.json) are skipped, so an interrupted suite resumes where it stopped.
+Finished runs (those with a summary.json) are skipped, so an interrupted suite resumes where it stopped,
+and suites sharing an output directory share the runs they have in common (same label, same config); a
+label whose existing run was made from a different config is an error.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ from pydantic import Field, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from distillab.config import StrictModel, format_validation_error, load_config
+from distillab.config import StrictModel, dump_config, format_validation_error, load_config
 from distillab.engine.trainer import SUMMARY_FILE
 from distillab.errors import ConfigError
-from distillab.run import train_run
+from distillab.run import CONFIG_FILE, train_run
 
 
 class SuiteEntry(StrictModel):
@@ -59,10 +61,15 @@ def run_suite(suite: Suite, seeds: int, console: Console | None = None) -> dict[
     console = console or Console()
     configs = {
         (label, seed): load_config(entry.config, [*entry.set, f"seed={seed}",
-                                                  f"output_dir={suite.output_dir / suite.name}",
+                                                  f"output_dir={suite.output_dir}",
                                                   f"name={label}_s{seed}"])
         for label, entry in suite.runs.items() for seed in range(seeds)
     }  # all validated before the first run starts
+    for cfg in configs.values():
+        saved = cfg.run_dir / CONFIG_FILE
+        if saved.is_file() and saved.read_text() != dump_config(cfg):
+            raise ConfigError(f"{cfg.run_dir} exists but was made from another config than the suite's entry "
+                              f"{cfg.run_name!r}: rename the entry or move the run")
     for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
         if (cfg.run_dir / SUMMARY_FILE).is_file():
             console.print(f"[{i}/{len(configs)}] {cfg.run_name}: finished, skipped")
