@@ -18,8 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from distillab.engine.trainer import TrainingStopped
+
     try:
         return args.func(args) or 0
+    except TrainingStopped as exc:
+        print(f"distillab: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except DistillabError as exc:
         if args.debug:
             raise
@@ -103,7 +108,7 @@ def _eval(args: argparse.Namespace) -> int:
     from distillab import models
     from distillab.data import load_splits
     from distillab.engine.checkpoint import load_weights
-    from distillab.engine.evaluate import evaluate
+    from distillab.engine.evaluate import eval_loader, evaluate
     from distillab.engine.trainer import resolve_device
     from distillab.run import load_run_config
 
@@ -119,7 +124,7 @@ def _eval(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right" if col != "split" else "left")
     for split, dataset in (("val", data.val), ("test", data.test)):
         if dataset is not None:
-            r = evaluate(student, dataset, device=device, batch_size=cfg.train.eval_batch_size)
+            r = evaluate(student, eval_loader(dataset, device, cfg.train.eval_batch_size))
             table.add_row(split, f"{len(dataset):,}", f"{r['acc']:.2f}", f"{r['loss']:.4f}")
     Console().print(table)
     return 0

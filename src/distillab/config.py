@@ -114,6 +114,10 @@ class TrainConfig(StrictModel):
     tensorboard: bool = False
     progress: bool = Field(True, description="rich progress bar")
     checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints")
+    log_steps: bool = Field(False, description="write steps.jsonl: every step's loss terms (a sync per step)")
+    sync_bn: bool = Field(False, description="SyncBatchNorm across data-parallel ranks (CUDA only)")
+    find_unused_parameters: bool = Field(False, description="DDP option for methods with parameters unused "
+                                         "in some steps")
 
     @model_validator(mode="after")
     def _milestones_inside_run(self) -> TrainConfig:

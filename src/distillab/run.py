@@ -14,7 +14,8 @@ from distillab import methods, models
 from distillab.config import RunConfig, dump_config, load_config
 from distillab.data import DataSplits, load_splits
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights
-from distillab.engine.trainer import SUMMARY_FILE, Trainer
+from distillab.engine.distributed import barrier, init_world
+from distillab.engine.trainer import SUMMARY_FILE, Trainer, resolve_device
 from distillab.errors import ConfigError, DistillabError
 
 CONFIG_FILE = "config.yaml"
@@ -57,23 +58,28 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
 def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None,
               on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train the run described by `cfg` into `cfg.run_dir`; returns its summary."""
-    console = console or Console()
+    world = init_world(resolve_device(cfg.train.device))
+    console = console or Console(quiet=not world.is_main)
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume, force)
     data = load_splits(cfg.data)
     method, info = build_method(cfg, data)
-    if force and not resume and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
+    trainer = Trainer(method, data, cfg.train, seed=cfg.seed, run_dir=run_dir, info=info,
+                      augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end)
+    if resume and (run_dir / CHECKPOINT_FILE).is_file():
+        trainer.restore(run_dir / CHECKPOINT_FILE)  # a bad checkpoint is refused before anything is written
+    barrier(world)  # every rank has checked the run directory, and all is valid, before rank 0 changes it
+    if world.is_main:
+        if force and not resume and run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
     side = method.side_parameter_count()
     console.print(f"[bold]{cfg.run_name}[/]: {cfg.method.name} {cfg.teacher.name + ' -> ' if cfg.teacher else ''}"
                   f"{cfg.student.name} on {cfg.data.name} ({len(data.train)} train"
                   f"{f', {len(data.val)} val' if data.val is not None else ''}, {len(data.test)} test); "
                   f"side modules {side:,} params")
-    trainer = Trainer(method, data, cfg.train, seed=cfg.seed, run_dir=run_dir, info=info,
-                      augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end)
-    return trainer.fit(resume=resume)
+    return trainer.fit()
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:

@@ -25,7 +25,7 @@ from pydantic import Field, ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from distillab.config import StrictModel, dump_config, format_validation_error, load_config
+from distillab.config import RunConfig, StrictModel, dump_config, format_validation_error, load_config
 from distillab.engine.trainer import SUMMARY_FILE
 from distillab.errors import ConfigError
 from distillab.run import CONFIG_FILE, train_run
@@ -67,7 +67,7 @@ def run_suite(suite: Suite, seeds: int, console: Console | None = None) -> dict[
     }  # all validated before the first run starts
     for cfg in configs.values():
         saved = cfg.run_dir / CONFIG_FILE
-        if saved.is_file() and saved.read_text() != dump_config(cfg):
+        if saved.is_file() and not _same_config(saved, cfg):
             raise ConfigError(f"{cfg.run_dir} exists but was made from another config than the suite's entry "
                               f"{cfg.run_name!r}: rename the entry or move the run")
     for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
@@ -81,6 +81,15 @@ def run_suite(suite: Suite, seeds: int, console: Console | None = None) -> dict[
     write_results(suite, results)
     console.print(results_table(results))
     return results
+
+
+def _same_config(saved: Path, cfg: RunConfig) -> bool:
+    """Whether a run's saved config describes `cfg`, read with today's defaults (so that a field added to
+    the schema after the run was made does not count as a difference)."""
+    try:
+        return dump_config(load_config(saved)) == dump_config(cfg)
+    except ConfigError:
+        return False
 
 
 def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """DeviceLoader: batches of a whole in-memory dataset, shuffled, sharded and augmented on the device.
 
-Reproducibility: every random choice is a pure function of (seed, epoch, rank, batch index), so an
-epoch yields the same batches whatever ran before it, on CPU and GPU alike (the random numbers are drawn
-on the CPU and moved to the device). Call `set_epoch(epoch)` before each epoch, like a
-DistributedSampler; `set_epoch(epoch, start_batch=k)` resumes an interrupted epoch at batch k.
+Reproducibility: every random choice is a pure function of (seed, epoch, position in the epoch), so an
+epoch yields the same batches whatever ran before it and however many ranks share it, on CPU and GPU
+alike (the random numbers are drawn on the CPU and moved to the device). Call `set_epoch(epoch)` before
+each epoch, like a DistributedSampler; `set_epoch(epoch, start_batch=k)` resumes an interrupted epoch at
+batch k.
 
 Sharding (world_size > 1): rank r takes every world_size-th entry of the epoch's permutation, starting
 at r. So that all ranks run the same number of steps, the permutation is first padded by repeating its
@@ -56,11 +57,13 @@ class DeviceLoader:
 
     The uint8 dataset is copied to `device` once. `shuffle=False, augment=None` gives an evaluation
     loader (dataset order). With `drop_last`, the last partial batch is dropped. No worker processes.
+    With `with_indices`, batches are `(x, y, idx)`, idx (int64, on the device) the images' dataset positions.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, device: str | torch.device = "cpu",
                  shuffle: bool = True, augment: AugmentConfig | None = None, drop_last: bool = False,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False) -> None:
+                 seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False,
+                 with_indices: bool = False) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -77,6 +80,7 @@ class DeviceLoader:
         self.rank = rank
         self.world_size = world_size
         self.channels_last = channels_last
+        self.with_indices = with_indices
         self.padding = augment.crop_padding if augment is not None else 0
         self.flip = augment.flip if augment is not None else False
         self.shard_size = n // world_size if drop_last else math.ceil(n / world_size)
@@ -123,7 +127,10 @@ class DeviceLoader:
 
     def epoch_indices(self, epoch: int | None = None) -> torch.Tensor:
         """Dataset indices this rank visits in `epoch` (default: the current one), in order, on the CPU."""
-        epoch = self.epoch if epoch is None else epoch
+        return self._epoch_order(self.epoch if epoch is None else epoch)[0]
+
+    def _epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's dataset indices and their positions in the epoch's global (padded) order."""
         n = self.dataset_size
         if self.shuffle:
             gen = torch.Generator().manual_seed(derive_seed("perm", self.seed, epoch))
@@ -133,28 +140,38 @@ class DeviceLoader:
         total = self.shard_size * self.world_size
         if total > n:  # pad by wrapping around to the beginning
             order = order.repeat(math.ceil(total / n))
-        order = order[:total]
-        return order[self.rank :: self.world_size]
+        positions = torch.arange(total)[self.rank :: self.world_size]
+        return order[positions], positions
 
-    def _augment_params(self, batch: int, size: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        gen = torch.Generator().manual_seed(derive_seed("augment", self.seed, self.epoch, self.rank, batch))
+    def _epoch_augment(self, epoch: int, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Crop offsets and flips for the given global positions of `epoch`.
+
+        Drawn for the whole epoch at once and indexed by position, so the image at a given position is
+        augmented alike whatever the number of ranks (a data-parallel run sees the same batches as one
+        process with the same global batch).
+        """
+        total = self.shard_size * self.world_size
+        gen = torch.Generator().manual_seed(derive_seed("augment", self.seed, epoch))
         offsets = flips = None
         if self.padding > 0:
-            offsets = torch.randint(0, 2 * self.padding + 1, (size, 2), generator=gen).to(self.device)
+            offsets = torch.randint(0, 2 * self.padding + 1, (total, 2), generator=gen)[positions].to(self.device)
         if self.flip:
-            flips = (torch.rand(size, generator=gen) < 0.5).to(self.device)
+            flips = (torch.rand(total, generator=gen) < 0.5)[positions].to(self.device)
         return offsets, flips
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         start, self._start_batch = self._start_batch, 0
-        indices = self.epoch_indices().to(self.device)
+        indices, positions = self._epoch_order(self.epoch)
+        indices = indices.to(self.device)
+        offsets, flips = self._epoch_augment(self.epoch, positions) if self.augmenting else (None, None)
         for b in range(start, len(self)):
-            idx = indices[b * self.batch_size : (b + 1) * self.batch_size]
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = indices[batch]
             x = self.images[idx]
             if self.augmenting:
-                offsets, flips = self._augment_params(b, len(idx))
-                x = crop_flip(x, self.padding, offsets, flips)
+                x = crop_flip(x, self.padding, None if offsets is None else offsets[batch],
+                              None if flips is None else flips[batch])
             x = x.float().mul_(self._scale).sub_(self._shift)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]
+            yield (x, self.labels[idx], idx) if self.with_indices else (x, self.labels[idx])

@@ -11,16 +11,25 @@ from torch import nn
 from distillab.data import DeviceLoader, ImageDataset
 
 
+def eval_loader(dataset: ImageDataset, device: torch.device | str = "cpu", batch_size: int = 256,
+                channels_last: bool = False) -> DeviceLoader:
+    """Dataset order, no augmentation, every image once."""
+    return DeviceLoader(dataset, batch_size, device=device, shuffle=False, augment=None,
+                        channels_last=channels_last)
+
+
+def evaluate(model: nn.Module, loader: DeviceLoader, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of `model` over an evaluation loader, in eval mode."""
+    sums = evaluate_sums(model, loader, autocast_dtype).tolist()
+    return {"acc": 100.0 * sums[0] / sums[2], "loss": sums[1] / sums[2]}
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: ImageDataset, *, device: torch.device | str = "cpu",
-             batch_size: int = 256, autocast_dtype: torch.dtype | None = None,
-             channels_last: bool = False) -> dict[str, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of `model` on `dataset`, in eval mode."""
-    device = torch.device(device)
+def evaluate_sums(model: nn.Module, loader: DeviceLoader, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[correct, summed cross-entropy, images] on the loader's device (to all-reduce across ranks)."""
+    device = torch.device(loader.device)
     was_training = model.training
     model.eval()
-    loader = DeviceLoader(dataset, batch_size, device=device, shuffle=False, augment=None,
-                          channels_last=channels_last)
     correct = torch.zeros((), device=device, dtype=torch.long)
     loss_sum = torch.zeros((), device=device)
     amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype
@@ -33,5 +42,5 @@ def evaluate(model: nn.Module, dataset: ImageDataset, *, device: torch.device | 
             correct += (logits.argmax(1) == labels).sum()
     finally:
         model.train(was_training)
-    n = len(dataset)
-    return {"acc": 100.0 * correct.item() / n, "loss": loss_sum.item() / n}
+    return torch.stack([correct.double(), loss_sum.double(),
+                        torch.tensor(float(loader.num_samples), dtype=torch.float64, device=device)])

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import platform
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +28,8 @@ from distillab.engine.checkpoint import (
     save_checkpoint,
     save_safetensors,
 )
-from distillab.engine.evaluate import evaluate
+from distillab.engine.distributed import World, all_reduce_sum, barrier, broadcast_flag, init_world, local_device
+from distillab.engine.evaluate import eval_loader, evaluate_sums
 from distillab.engine.schedule import learning_rate
 from distillab.errors import CheckpointError, DistillabError
 from distillab.methods.base import Method
@@ -35,8 +39,19 @@ SUMMARY_FILE = "summary.json"
 CIFAR_AUGMENT = AugmentConfig(crop_padding=4, flip=True)
 
 
+STEPS_FILE = "steps.jsonl"
+
+
 class NonFiniteLossError(DistillabError):
     """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class TrainingStopped(DistillabError):
+    """SIGTERM or SIGINT stopped the run after writing a checkpoint it can be resumed from."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,23 +91,64 @@ class Trainer:
         self.info = dict(info or {})
         self.console = console or Console()
         self.on_epoch_end = on_epoch_end
-        self.device = resolve_device(self.cfg.device)
+        device = resolve_device(self.cfg.device)
+        self.world: World = init_world(device)
+        self.device = local_device(device, self.world)
         self.amp_dtype = autocast_dtype(self.cfg.amp, self.device)
-        if len(data.train) < self.cfg.batch_size and self.cfg.drop_last:
-            raise DistillabError(f"train.batch_size={self.cfg.batch_size} exceeds the {len(data.train)} "
-                                 "training images and drop_last is on: no batch would run")
+        local_batch = self._check_batch(len(data.train))
+        if self.world.distributed and not method.distributed_ok:
+            raise DistillabError(f"method {method.name!r} keeps per-process state (e.g. a memory bank) and does not "
+                                 "support data-parallel training: run it on one process")
+        if method.needs_indices:
+            method.bind_train_set(data.train.labels)
+        if self.cfg.sync_bn:
+            if self.device.type != "cuda":
+                raise DistillabError("train.sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+            for name, child in method.named_children():
+                if name != "teacher":
+                    setattr(method, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
         self.method.to(self.device)
         if self.cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self.loader = DeviceLoader(data.train, self.cfg.batch_size, device=self.device, shuffle=True,
-                                   augment=augment, drop_last=self.cfg.drop_last,
-                                   seed=seed, channels_last=self.cfg.channels_last)
+        self.loader = DeviceLoader(data.train, local_batch, device=self.device, shuffle=True,
+                                   augment=augment, drop_last=self.cfg.drop_last, seed=seed,
+                                   rank=self.world.rank, world_size=self.world.world_size,
+                                   channels_last=self.cfg.channels_last, with_indices=method.needs_indices)
+        self.eval_loaders = {  # every rank evaluates its own strided share of each split
+            split: eval_loader(ds.subset(torch.arange(self.world.rank, len(ds), self.world.world_size)),
+                               self.device, self.cfg.eval_batch_size, self.cfg.channels_last)
+            for split, ds in (("val", data.val), ("test", data.test)) if ds is not None
+        }
         self.params = [p for p in method.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self.step_fn = torch.compile(method) if self.cfg.compile else method
+        step_fn: torch.nn.Module = method
+        if self.world.distributed:
+            step_fn = torch.nn.parallel.DistributedDataParallel(
+                method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.cfg.find_unused_parameters)
+        self.step_fn = torch.compile(step_fn) if self.cfg.compile else step_fn
         self.start_epoch = 0
+        self.start_step = 0
+        self.partial: dict[str, Any] | None = None  # accumulators of an epoch stopped half-way
         self.history: list[dict[str, Any]] = []
+        self._stop_signal: int | None = None
+        self.restored = False
+
+    def _check_batch(self, n_train: int) -> int:
+        """The per-rank batch: train.batch_size is the global batch, split evenly over the ranks."""
+        batch, world = self.cfg.batch_size, self.world.world_size
+        if batch > n_train:
+            raise DistillabError(f"train.batch_size={batch} exceeds the {n_train} training images")
+        if batch % world:
+            raise DistillabError(f"train.batch_size={batch} (the global batch) must be divisible by the "
+                                 f"{world} processes")
+        return batch // world
+
+    @property
+    def writes(self) -> bool:
+        """Only rank 0 writes files."""
+        return self.run_dir is not None and self.world.is_main
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
@@ -102,9 +158,12 @@ class Trainer:
         return torch.optim.AdamW(self.params, lr=o.lr, weight_decay=o.weight_decay)
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _state(self, epoch: int) -> dict[str, Any]:
+    def _state(self, epoch: int, step: int = 0, partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`epoch` epochs done, plus `step` batches of the next one (with its `partial` accumulators)."""
         return {
             "epoch": epoch,
+            "step": step,
+            "partial": partial or {},
             "method": self.method.trainable_state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -113,7 +172,8 @@ class Trainer:
             "version": distillab.__version__,
         }
 
-    def _restore(self, path: Path) -> None:
+    def restore(self, path: Path) -> None:
+        """Load a checkpoint (refused with a CheckpointError if corrupt or mismatched); `fit` continues from it."""
         state = load_checkpoint(path)
         try:
             self.method.load_trainable_state_dict(state["method"])
@@ -125,8 +185,14 @@ class Trainer:
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         self.start_epoch = int(state["epoch"])
+        self.start_step = int(state.get("step", 0))
+        self.partial = state.get("partial") or None
         self.history = [m for m in self._read_metrics() if m["epoch"] <= self.start_epoch]
-        self._rewrite_metrics()
+        if self.writes:
+            self._rewrite_metrics()
+        self.restored = True
+        self.console.print(f"resumed {self.run_dir} at epoch {self.start_epoch}/{self.cfg.epochs}"
+                           + (f", step {self.start_step}" if self.start_step else ""))
 
     def _read_metrics(self) -> list[dict[str, Any]]:
         path = self.run_dir / METRICS_FILE
@@ -140,101 +206,176 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train to `cfg.epochs`; returns the summary (also written to `summary.json`)."""
+        """Train to `cfg.epochs`; returns the summary (also written to `summary.json`).
+
+        SIGTERM / SIGINT stop the run at the next step with a checkpoint (`TrainingStopped`);
+        `fit(resume=True)` continues from it, mid-epoch included, exactly.
+        """
         ckpt = self.run_dir / CHECKPOINT_FILE if self.run_dir else None
-        if resume and ckpt is not None and ckpt.is_file():
-            self._restore(ckpt)
-            self.console.print(f"resumed {self.run_dir} at epoch {self.start_epoch}/{self.cfg.epochs}")
-        if self.run_dir is not None:
+        if resume and not self.restored and ckpt is not None and ckpt.is_file():
+            self.restore(ckpt)
+        if self.writes:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         writer = self._tensorboard()
         if self.start_epoch == 0 and self.method.teacher is not None and "teacher_test_acc" not in self.info:
-            self.info["teacher_test_acc"] = self._eval(self.method.teacher, self.data.test)["acc"]
+            self.info["teacher_test_acc"] = self._eval(self.method.teacher, "test")["acc"]
         started = time.perf_counter()
         try:
-            for epoch in range(self.start_epoch, self.cfg.epochs):
-                record = self._train_epoch(epoch)
-                self.history.append(record)
-                self._print_epoch(record)
-                if self.run_dir is not None:
-                    with open(self.run_dir / METRICS_FILE, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    if (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs:
-                        save_checkpoint(self._state(epoch + 1), ckpt)
-                if writer is not None:
-                    for key, value in record.items():
-                        if isinstance(value, (int, float)) and key != "epoch":
-                            writer.add_scalar(key, value, record["epoch"])
-                if self.on_epoch_end is not None:
-                    self.on_epoch_end(epoch + 1, record)
+            with self._stop_on_signals():
+                for epoch in range(self.start_epoch, self.cfg.epochs):
+                    record = self._train_epoch(epoch)
+                    self.history.append(record)
+                    self._print_epoch(record)
+                    if self.writes:
+                        with open(self.run_dir / METRICS_FILE, "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                        if (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs:
+                            save_checkpoint(self._state(epoch + 1), ckpt)
+                    if writer is not None:
+                        for key, value in record.items():
+                            if isinstance(value, (int, float)) and key != "epoch":
+                                writer.add_scalar(key, value, record["epoch"])
+                    barrier(self.world)
+                    if self.on_epoch_end is not None:
+                        self.on_epoch_end(epoch + 1, record)
         finally:
             if writer is not None:
                 writer.close()
         summary = self._summary(time.perf_counter() - started)
-        if self.run_dir is not None:
+        if self.writes:
             save_safetensors(self.method.deploy_student(), self.run_dir / STUDENT_FILE,
                              metadata={"model": str(self.info.get("student", ""))})
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        barrier(self.world)
         return summary
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM/SIGINT ask the loop to stop at the next step; a second SIGINT interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum: int, _frame) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _stop_now(self, step: int, refresh: int) -> bool:
+        """Whether to stop after `step`; ranks agree at the refresh points (a collective, so not every step)."""
+        if not self.world.distributed:
+            return self._stop_signal is not None
+        if (step + 1) % refresh:
+            return False
+        return broadcast_flag(self._stop_signal is not None, self.world, self.device)
+
+    def _stop(self, epoch: int, step: int, partial: dict[str, Any]) -> None:
+        signum = self._stop_signal or signal.SIGTERM
+        where = "no run directory, nothing saved"
+        if self.run_dir is not None:
+            if self.writes:
+                save_checkpoint(self._state(epoch, step, partial), self.run_dir / CHECKPOINT_FILE)
+            where = f"checkpoint written; resume with: distillab train --resume {self.run_dir}"
+        barrier(self.world)
+        raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, step {step}: "
+                              f"{where}", signum)
 
     def _train_epoch(self, epoch: int) -> dict[str, Any]:
         method, cfg = self.method, self.cfg
         method.train()
         method.set_progress(epoch, cfg.epochs)
-        self.loader.set_epoch(epoch)
+        first = self.start_step if epoch == self.start_epoch else 0
+        self.loader.set_epoch(epoch, start_batch=first)
         steps = len(self.loader)
-        sums: dict[str, torch.Tensor] = {}
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
-        seen = 0
+        partial = self.partial if first else None
+        self.partial = None
+        sums: dict[str, torch.Tensor] = {k: v.to(self.device) for k, v in (partial or {}).get("sums", {}).items()}
+        correct = torch.tensor((partial or {}).get("correct", 0), dtype=torch.long, device=self.device)
+        seen = int((partial or {}).get("seen", 0))
+        elapsed_before = float((partial or {}).get("elapsed", 0.0))
         amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
                else contextlib.nullcontext())
         refresh = max(1, steps // 20)
         start = time.perf_counter()
-        with self._progress() as progress:
-            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, terms="")
-            for step, (images, labels) in enumerate(self.loader):
-                lr = learning_rate(cfg.schedule, cfg.optim.lr, epoch, step, steps, cfg.epochs)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                with amp:
-                    logits, terms = self.step_fn(images, labels)
-                loss = sum(terms.values())
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
-                if cfg.optim.grad_clip is not None:
-                    self.scaler.unscale_(self.optimizer)
-                    torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                with torch.no_grad():
-                    for key, value in terms.items():
-                        sums[key] = sums.get(key, 0) + value.detach().float() * len(labels)
-                    correct += (logits.argmax(1) == labels).sum()
-                seen += len(labels)
-                if (step + 1) % refresh == 0 or step + 1 == steps:
-                    means = self._check_finite(sums, seen, epoch, step)
-                    rate = seen / (time.perf_counter() - start)
-                    progress.update(task, completed=step + 1,
-                                    terms=" ".join(f"{k} {v:.3f}" for k, v in means.items())
-                                    + f"  {rate:,.0f} img/s")
+        steps_log = open(self.run_dir / STEPS_FILE, "a") if cfg.log_steps and self.writes else None  # noqa: SIM115
+        try:
+            with self._progress() as progress:
+                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, completed=first, terms="")
+                for step, batch in enumerate(self.loader, start=first):
+                    labels = batch[1]  # batch: (images, labels) or (images, labels, indices)
+                    lr = learning_rate(cfg.schedule, cfg.optim.lr, epoch, step, steps, cfg.epochs)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
+                    with amp:
+                        logits, terms = self.step_fn(*batch)
+                    loss = sum(terms.values())
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.scale(loss).backward()
+                    if cfg.optim.grad_clip is not None:
+                        self.scaler.unscale_(self.optimizer)
+                        torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    with torch.no_grad():
+                        for key, value in terms.items():
+                            sums[key] = sums.get(key, 0) + value.detach().float() * len(labels)
+                        correct += (logits.argmax(1) == labels).sum()
+                    seen += len(labels)
+                    if cfg.log_steps:
+                        self._log_step(steps_log, epoch, step, lr, terms, len(labels))
+                    if (step + 1) % refresh == 0 or step + 1 == steps:
+                        means = self._check_finite(sums, seen, epoch, step)
+                        rate = seen / (elapsed_before + time.perf_counter() - start)
+                        progress.update(task, completed=step + 1,
+                                        terms=" ".join(f"{k} {v:.3f}" for k, v in means.items())
+                                        + f"  {rate * self.world.world_size:,.0f} img/s")
+                    if step + 1 < steps and self._stop_now(step, refresh):
+                        self._stop(epoch, step + 1, {
+                            "sums": {k: v.detach().cpu() for k, v in sums.items()}, "correct": int(correct.item()),
+                            "seen": seen, "elapsed": elapsed_before + time.perf_counter() - start})
+        finally:
+            if steps_log is not None:
+                steps_log.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
+        elapsed = elapsed_before + time.perf_counter() - start
         means = self._check_finite(sums, seen, epoch, steps - 1)
+        totals = all_reduce_sum(torch.tensor([float(correct.item()), float(seen)], dtype=torch.float64,
+                                             device=self.device), self.world).tolist()
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "loss": sum(means.values())}
         record.update({f"loss_{k}": v for k, v in means.items()})
-        record["train_acc"] = 100.0 * correct.item() / seen
-        record["images_per_s"] = seen / elapsed
+        record["train_acc"] = 100.0 * totals[0] / totals[1]
+        record["images_per_s"] = totals[1] / elapsed
         record["epoch_time_s"] = elapsed
-        if self.data.val is not None:
-            val = self._eval(method.student, self.data.val)
-            record["val_acc"], record["val_loss"] = val["acc"], val["loss"]
-        test = self._eval(method.student, self.data.test)
-        record["test_acc"], record["test_loss"] = test["acc"], test["loss"]
+        for split in self.eval_loaders:  # val (when held out), then test
+            result = self._eval(method.student, split)
+            record[f"{split}_acc"], record[f"{split}_loss"] = result["acc"], result["loss"]
         return record
 
+    def _log_step(self, log, epoch: int, step: int, lr: float, terms: dict[str, torch.Tensor], n: int) -> None:
+        """One line per step: the global batch's mean loss terms (all ranks take part in the reduction)."""
+        values = torch.stack([v.detach().float() * n for v in terms.values()]
+                             + [torch.tensor(float(n), device=self.device)])
+        values = all_reduce_sum(values, self.world).tolist()
+        if log is not None:
+            line = {"epoch": epoch + 1, "step": step, "lr": lr}
+            line.update({k: v / values[-1] for k, v in zip(terms, values[:-1], strict=True)})
+            log.write(json.dumps(line) + "\n")
+
     def _check_finite(self, sums: dict[str, torch.Tensor], seen: int, epoch: int, step: int) -> dict[str, float]:
-        means = {k: v.item() / seen for k, v in sums.items()}
+        """Mean loss terms so far over all ranks; a non-finite one stops the run."""
+        keys = list(sums)
+        totals = torch.stack([sums[k].detach().double() for k in keys] + [torch.tensor(float(seen)).double()
+                                                                           .to(self.device)])
+        totals = all_reduce_sum(totals, self.world).tolist()
+        means = {k: v / totals[-1] for k, v in zip(keys, totals[:-1], strict=True)}
         bad = [k for k, v in means.items() if not math.isfinite(v)]
         if bad:
             terms = ", ".join(f"{k}={v}" for k, v in means.items())
@@ -244,9 +385,10 @@ class Trainer:
             )
         return means
 
-    def _eval(self, model: torch.nn.Module, dataset) -> dict[str, float]:
-        return evaluate(model, dataset, device=self.device, batch_size=self.cfg.eval_batch_size,
-                        autocast_dtype=self.amp_dtype, channels_last=self.cfg.channels_last)
+    def _eval(self, model: torch.nn.Module, split: str) -> dict[str, float]:
+        correct, loss, n = all_reduce_sum(evaluate_sums(model, self.eval_loaders[split], self.amp_dtype),
+                                          self.world).tolist()
+        return {"acc": 100.0 * correct / n, "loss": loss / n}
 
     # -- reporting ----------------------------------------------------------------------------
     def _progress(self) -> Progress:
@@ -262,7 +404,7 @@ class Trainer:
                            f"lr {r['lr']:.3g} {r['images_per_s']:,.0f} img/s")
 
     def _tensorboard(self):
-        if not self.cfg.tensorboard or self.run_dir is None:
+        if not self.cfg.tensorboard or not self.writes:
             return None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -294,11 +436,19 @@ class Trainer:
             "wall_time_s": wall_s,
             "environment": {"torch": torch.__version__, "distillab": distillab.__version__,
                             "device": device_name(self.device), "threads": torch.get_num_threads(),
+                            "world_size": self.world.world_size,
                             "python": platform.python_version()},
         }
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model (from /proc/cpuinfo where there is one) and its core count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model} ({os.cpu_count()} cores)"

@@ -36,11 +36,15 @@ class Method(nn.Module):
 
     Subclasses set `Options` (a `MethodOptions` subclass with the spec's defaults) and implement
     `forward`. `epoch` / `num_epochs` are set by the trainer before each epoch (0-based epoch),
-    for methods with warm-ups.
+    for methods with warm-ups. A method with `needs_indices = True` (e.g. CRD's memory bank) gets
+    `bind_train_set(train_labels)` once before training and `forward(images, labels, indices)`, where
+    `indices` are the batch's positions in the training set.
     """
 
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     requires_teacher: ClassVar[bool] = True
+    needs_indices: ClassVar[bool] = False
+    distributed_ok: ClassVar[bool] = True  # False for methods with per-process state (memory banks)
     name: ClassVar[str] = ""
 
     def __init__(
@@ -72,6 +76,9 @@ class Method(nn.Module):
     def deploy_student(self) -> nn.Module:
         """The network a user ships (plain student unless a method re-parameterises it)."""
         return self.student
+
+    def bind_train_set(self, train_labels: torch.Tensor) -> None:
+        """Called by the trainer before training when `needs_indices`: the labels of the whole training set."""
 
     def set_progress(self, epoch: int, num_epochs: int) -> None:
         self.epoch, self.num_epochs = epoch, num_epochs
