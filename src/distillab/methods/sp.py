@@ -1,0 +1,52 @@
+"""`sp`: Tung & Mori, "Similarity-Preserving Knowledge Distillation" (ICCV 2019), RepDistiller form.
+
+G = row-L2-normalised Q Q^T, Q the B x (C*H*W) flattened feature map; the loss is ||G_t - G_s||_F^2 / B^2.
+L = ce_weight * CE + sp_weight * loss, on the last stage output of each network by default.
+CIFAR-100: sp_weight 3000, CE 1 (RepDistiller).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.zoo_taps import stage_names
+
+
+def similarity_matrix(feature: torch.Tensor) -> torch.Tensor:
+    q = feature.float().flatten(1)
+    return F.normalize(q @ q.t(), dim=1)
+
+
+def sp_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius distance of the normalised batch similarity matrices, divided by B^2."""
+    batch = f_s.shape[0]
+    return (similarity_matrix(f_t) - similarity_matrix(f_s)).pow(2).sum() / batch**2
+
+
+class SPOptions(MethodOptions):
+    ce_weight: float = Field(1.0, ge=0)
+    sp_weight: float = Field(3000.0, ge=0)
+    student_layer: str | None = Field(None, description="tap name; default: the student's last stage output")
+    teacher_layer: str | None = Field(None, description="tap name; default: the teacher's last stage output")
+
+
+@register("sp")
+class SP(Method):
+    Options = SPOptions
+
+    def __init__(self, student, teacher=None, **options) -> None:
+        super().__init__(student, teacher, **options)
+        self.student_tap = self.tap(student, [self.opts.student_layer or stage_names(student, "student_layer")[-1]])
+        self.teacher_tap = self.tap(teacher, [self.opts.teacher_layer or stage_names(teacher, "teacher_layer")[-1]])
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        logits = self.student(images)
+        self.teacher_forward(images)
+        (f_s,), (f_t,) = self.student_tap.take(), self.teacher_tap.take()
+        return logits, {
+            "ce": self.opts.ce_weight * F.cross_entropy(logits, labels),
+            "sp": self.opts.sp_weight * sp_loss(f_s, f_t),
+        }

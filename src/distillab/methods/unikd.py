@@ -1,0 +1,245 @@
+"""`unikd`: Huang et al., "Harmonizing Knowledge Transfer in Neural Network with Unified Distillation" (ECCV 2024).
+
+Intermediate knowledge is turned into the same distributional form as the logits:
+- AFF fuses the student's stage outputs and pooled feature with a top-down chain of ReviewKD-style blocks
+  (1x1 channel adjust, nearest upsampling, a 2-map sigmoid gate mixing adjacent levels); only the shallowest
+  level's 3x3 projection to the teacher's stage-1 channels is used.
+- FDP heads (one on the fused student map, one on the teacher's stage-1 pre-ReLU map, both trained) predict a
+  diagonal Gaussian over K = number of classes and draw a reparameterised sample z.
+- L = ce + ramp * logit (DKD or KD) + feat_weight * L_feat + supp_weight * (KD(z_s, logits_s) + KD(z_t, logits_t)),
+  where L_feat is the temperature-softmax KL between the samples (`kl: sampled`, the authors' code) or the
+  closed-form KL between the two Gaussians (`kl: closed_form`). Variant A of the spec (DKD base); nothing of
+  UniKD is used at test time.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from distillab.errors import ConfigError
+from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.dkd import dkd_loss
+from distillab.methods.kd import kd_loss
+from distillab.models.wrn import PreActBlock
+
+MAX_MID_CHANNELS = 512
+
+
+def gaussian_kl(
+    mean_p: torch.Tensor, log_var_p: torch.Tensor, mean_q: torch.Tensor, log_var_q: torch.Tensor
+) -> torch.Tensor:
+    """KL(N_p || N_q) between diagonal Gaussians given by (mean, log-variance), summed over the dimensions and
+    averaged over the batch."""
+    mean_p, log_var_p, mean_q, log_var_q = (t.float() for t in (mean_p, log_var_p, mean_q, log_var_q))
+    ratio = torch.exp(log_var_p - log_var_q) + (mean_p - mean_q) ** 2 * torch.exp(-log_var_q)
+    return 0.5 * (log_var_q - log_var_p + ratio - 1).sum(dim=1).mean()
+
+
+def _conv_act(in_channels: int, out_channels: int, kernel_size: int, act: str) -> nn.Sequential:
+    """Conv (no bias, 'same' padding, Kaiming-uniform a=1) then ReLU (`act: relu`) or BN (`act: bn`)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    return nn.Sequential(conv, nn.ReLU() if act == "relu" else nn.BatchNorm2d(out_channels))
+
+
+class FusionBlock(nn.Module):
+    """One level of the AFF chain: `mix` adjusts the level's channels and, unless it is the deepest level,
+    gates it with the level above; `output` projects the mixed map to the teacher's channels (3x3)."""
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int | None, fuse: bool, act: str) -> None:
+        super().__init__()
+        self.adjust = _conv_act(in_channels, mid_channels, 1, act)
+        self.gate = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+        self.project = _conv_act(mid_channels, out_channels, 3, act) if out_channels is not None else None
+
+    def mix(self, x: torch.Tensor, above: torch.Tensor | None) -> torch.Tensor:
+        a = self.adjust(x)
+        if self.gate is not None:
+            up = F.interpolate(above, size=a.shape[-2:], mode="nearest")
+            g = self.gate(torch.cat([a, up], dim=1))
+            a = a * g[:, 0:1] + up * g[:, 1:2]
+        return a
+
+    def output(self, a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(a.shape[-2:]) != tuple(size):
+            a = F.interpolate(a, size=size, mode="nearest")
+        return self.project(a)
+
+
+class AdaptiveFeatureFusion(nn.Module):
+    """AFF: top-down chain over the student's levels (given shallowest first; 2-D features count as 1x1 maps);
+    returns the shallowest level's output, `out_channels[0]` x `out_size`.
+
+    `out_channels[i]` is None for a level whose (unused) projection is not built. `fuse_with="deepest"` feeds
+    every gate the deepest level's map instead of the level above (the authors' MLKD-based class)."""
+
+    def __init__(self, in_channels: list[int], out_channels: list[int | None], out_size: tuple[int, int],
+                 fuse_with: str = "previous", act: str = "relu") -> None:
+        super().__init__()
+        self.mid_channels = min(MAX_MID_CHANNELS, in_channels[-1])
+        deepest = len(in_channels) - 1
+        self.levels = nn.ModuleList(
+            FusionBlock(c, self.mid_channels, out, fuse=i < deepest, act=act)
+            for i, (c, out) in enumerate(zip(in_channels, out_channels, strict=True))
+        )
+        self.out_size = tuple(out_size)
+        self.fuse_with = fuse_with
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        maps = [f if f.dim() == 4 else f[:, :, None, None] for f in features]
+        deepest = above = self.levels[-1].mix(maps[-1], None)
+        for level, x in zip(reversed(self.levels[:-1]), reversed(maps[:-1]), strict=True):
+            above = level.mix(x, above if self.fuse_with == "previous" else deepest)
+        return self.levels[0].output(above, self.out_size)
+
+
+class GaussianHead(nn.Module):
+    """FDP: global average pool, then linear mean and log-variance heads; returns (z, mean, log_var) with the
+    reparameterised sample z = mean + exp(log_var / 2) * noise (noise ~ N(0, I) unless given)."""
+
+    def __init__(self, in_channels: int, out_features: int) -> None:
+        super().__init__()
+        self.mean = nn.Linear(in_channels, out_features)
+        self.log_var = nn.Linear(in_channels, out_features)
+
+    def forward(self, feature: torch.Tensor, noise: torch.Tensor | None = None):
+        pooled = feature.mean(dim=(2, 3)) if feature.dim() == 4 else feature
+        mean, log_var = self.mean(pooled), self.log_var(pooled)
+        noise = torch.randn_like(mean) if noise is None else noise
+        return mean + torch.exp(0.5 * log_var) * noise, mean, log_var
+
+
+def default_teacher_feature(teacher: nn.Module) -> str:
+    """Tap name of a zoo teacher's stage-1 output before its final ReLU (the authors' `preact_feats[1]`):
+    the input of the last block's `relu`, or for pre-activation WRNs the next block's BN output."""
+    stages = getattr(teacher, "stages", None)
+    if stages is None:
+        raise ConfigError(f"{type(teacher).__name__} is not a zoo model: set method.options.teacher_layer")
+    last = len(stages[0]) - 1
+    if isinstance(getattr(stages[0][last], "relu", None), nn.ReLU):
+        return f"stages.0.{last}.relu:input"
+    if len(stages) > 1 and isinstance(stages[1][0], PreActBlock):
+        return "stages.1.0.relu1:input"
+    raise ConfigError(f"cannot find the stage-1 pre-activation of {type(teacher).__name__}: "
+                      "set method.options.teacher_layer")
+
+
+def _zoo_levels(model: nn.Module, fix: str) -> list[str]:
+    """Stage outputs then the pooled feature of a zoo model (the AFF levels, shallowest first)."""
+    names = getattr(model, "feature_names", None)
+    if not names:
+        raise ConfigError(f"{type(model).__name__} is not a zoo model: set method.options.{fix}")
+    return [*names, model.pooled_name]
+
+
+class UniKDOptions(MethodOptions):
+    ce_weight: float = Field(1.0, ge=0)
+    logit_loss: Literal["dkd", "kd"] = Field("dkd", description="logit term: DKD (spec Variant A) or KD")
+    logit_weight: float = Field(1.0, ge=0)
+    temperature: float = Field(4.0, gt=0, description="temperature of the logit term")
+    dkd_alpha: float = Field(1.0, ge=0, description="TCKD weight (logit_loss: dkd)")
+    dkd_beta: float = Field(8.0, ge=0, description="NCKD weight (logit_loss: dkd); 2 or 6 for some CIFAR pairs")
+    warmup: int = Field(20, ge=0, description="epochs of linear warm-up of the logit term, min(epoch/warmup, 1)")
+    kl: Literal["sampled", "closed_form"] = Field(
+        "sampled", description="feature constraint: softmax KL between samples, or the Gaussians' closed-form KL")
+    kl_direction: Literal["t_to_s", "s_to_t"] = Field(
+        "t_to_s", description="closed_form only: KL(N_t || N_s) or KL(N_s || N_t)")
+    logvar_clamp: tuple[float, float] | None = Field(
+        None, description="closed_form only: clamp both log-variances to (lo, hi) inside the KL")
+    feat_weight: float = Field(1.0, ge=0)
+    supp_weight: float = Field(1.0, ge=0)
+    dist_temperature: float = Field(1.0, gt=0, description="T' of the sampled feature KL and the supp terms")
+    detach_targets: bool = Field(False, description="stop gradients through z_t (mean_t, log_var_t) and logits_s")
+    fuse_with: Literal["previous", "deepest"] = Field(
+        "previous", description="what each gate mixes in: the level above, or the deepest level (author bug)")
+    abf_act: Literal["relu", "bn"] = Field("relu", description="after each AFF conv: ReLU (author) or BN (ReviewKD)")
+    prune_unused: bool = Field(False, description="do not build the deeper levels' unused 3x3 projections")
+    student_layers: list[str] | None = Field(
+        None, description="tap names of the fused levels, shallowest first; default: stage outputs + pooled")
+    teacher_layer: str | None = Field(None, description="tap name of the teacher feature; default: stage-1 pre-ReLU")
+
+    @field_validator("logvar_clamp")
+    @classmethod
+    def _clamp_is_an_interval(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and value[0] >= value[1]:
+            raise ValueError(f"must be (lo, hi) with lo < hi, got {value}")
+        return value
+
+
+@register("unikd")
+class UniKD(Method):
+    Options = UniKDOptions
+
+    def __init__(self, student, teacher=None, **options) -> None:
+        super().__init__(student, teacher, **options)
+        o = self.opts
+        s_names = o.student_layers or _zoo_levels(student, "student_layers")
+        t_name = o.teacher_layer or default_teacher_feature(teacher)
+        t_levels = [] if o.prune_unused else self._teacher_levels(teacher, len(s_names))
+        s_shapes = self.shapes(student, [*s_names, ""])  # "" taps the whole model: its logits
+        t_shapes = self.shapes(teacher, [t_name, *t_levels, *([] if o.teacher_layer else ["stages.0"])])
+        t_shape = t_shapes[t_name]
+        if len(t_shape) != 3:
+            raise ConfigError(f"method.options.teacher_layer: {t_name!r} is not a feature map (shape {t_shape})")
+        if not o.teacher_layer and t_shape != t_shapes["stages.0"]:  # e.g. ShuffleV2: its ReLU sees half the map
+            raise ConfigError(f"{type(teacher).__name__}'s stage-1 output has no single pre-ReLU map "
+                              f"({t_name} is {t_shape}): set method.options.teacher_layer")
+        deeper = [None] * (len(s_names) - 1) if o.prune_unused else [t_shapes[n][0] for n in t_levels]
+        self.aff = AdaptiveFeatureFusion([s_shapes[n][0] for n in s_names], [t_shape[0], *deeper], t_shape[1:],
+                                         o.fuse_with, o.abf_act)
+        self.fdp_student = GaussianHead(t_shape[0], s_shapes[""][0])
+        self.fdp_teacher = GaussianHead(t_shape[0], s_shapes[""][0])
+        self.student_tap = self.tap(student, s_names)
+        self.teacher_tap = self.tap(teacher, [t_name])
+
+    @staticmethod
+    def _teacher_levels(teacher: nn.Module, levels: int) -> list[str]:
+        """The teacher's stages 2.. then pooled feature: they size the deeper levels' (unused) projections."""
+        names = _zoo_levels(teacher, "prune_unused=true (the unused projections follow the teacher's stages)")[1:]
+        if len(names) != levels - 1:
+            raise ConfigError(f"the student has {levels} AFF levels but the teacher {len(names) + 1}: "
+                              "set method.options.prune_unused=true")
+        return names
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        o = self.opts
+        logits = self.student(images)
+        fused = self.aff(self.student_tap.take())
+        teacher_logits = self.teacher_forward(images)
+        (teacher_feature,) = self.teacher_tap.take()
+        student_dist = self.fdp_student(fused)
+        teacher_dist = self.fdp_teacher(teacher_feature)
+        logits_target = logits.detach() if o.detach_targets else logits
+        feat_target = tuple(t.detach() for t in teacher_dist) if o.detach_targets else teacher_dist
+        supp = (kd_loss(student_dist[0], logits_target, o.dist_temperature)
+                + kd_loss(teacher_dist[0], teacher_logits, o.dist_temperature))
+        ramp = min((self.epoch + 1) / o.warmup, 1.0) if o.warmup else 1.0  # epochs counted from 1
+        return logits, {
+            "ce": o.ce_weight * F.cross_entropy(logits, labels),
+            o.logit_loss: ramp * o.logit_weight * self._logit_loss(logits, teacher_logits, labels),
+            "feat": o.feat_weight * self._feature_loss(student_dist, feat_target),
+            "supp": o.supp_weight * supp,
+        }
+
+    def _logit_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        o = self.opts
+        if o.logit_loss == "dkd":
+            return dkd_loss(logits, teacher_logits, labels, o.dkd_alpha, o.dkd_beta, o.temperature)
+        return kd_loss(logits, teacher_logits, o.temperature)
+
+    def _feature_loss(self, student_dist: tuple, teacher_dist: tuple) -> torch.Tensor:
+        """The distribution constraint between the FDP outputs, each (z, mean, log_var)."""
+        o = self.opts
+        if o.kl == "sampled":
+            return kd_loss(student_dist[0], teacher_dist[0], o.dist_temperature)
+        (_, mean_s, log_var_s), (_, mean_t, log_var_t) = student_dist, teacher_dist
+        if o.logvar_clamp is not None:
+            log_var_s, log_var_t = log_var_s.clamp(*o.logvar_clamp), log_var_t.clamp(*o.logvar_clamp)
+        if o.kl_direction == "t_to_s":
+            return gaussian_kl(mean_t, log_var_t, mean_s, log_var_s)
+        return gaussian_kl(mean_s, log_var_s, mean_t, log_var_t)
