@@ -92,3 +92,18 @@ def test_torchrun_launches_the_cli_with_two_processes(tmp_path):
     assert summary["environment"]["world_size"] == 2
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 writes alone
     assert proc.stdout.count("epoch 1/1") == 1  # rank 0 prints alone
+
+
+def test_memory_bank_method_refuses_data_parallel_training(monkeypatch):
+    from distillab import methods, models
+    from distillab.data import load_digits
+    from distillab.engine import trainer as trainer_module
+    from distillab.engine.distributed import World
+    from distillab.errors import DistillabError
+
+    monkeypatch.setattr(trainer_module, "init_world", lambda device: World(rank=0, world_size=2))
+    teacher = models.build("resnet8", num_classes=10, in_channels=1)
+    student = models.build("resnet8", num_classes=10, in_channels=1)
+    method = methods.build("crd", student, teacher, input_shape=(1, 8, 8), num_negatives=16)
+    with pytest.raises(DistillabError, match="method 'crd' keeps per-process state"):
+        trainer_module.Trainer(method, load_digits())

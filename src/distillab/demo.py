@@ -52,19 +52,18 @@ def run_demo(output_dir: Path = Path("runs/demo"), seeds: int = 3, console: Cons
     teacher_cfg, student_cfgs = demo_configs(Path(output_dir), seeds)
     start = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
-    for label, cfg in [("teacher (ce)", teacher_cfg), *((c.method.name, c) for c in student_cfgs)]:
+    for label, cfg in [("teacher", teacher_cfg), *((c.method.name, c) for c in student_cfgs)]:
         with console.status(f"training {cfg.run_name} ({cfg.student.name}, {cfg.method.name})"):
             summary = train_run(cfg, force=True, console=Console(quiet=True))
         console.print(f"{cfg.run_name:>14}: {cfg.student.name} {cfg.method.name}, test {summary['test_acc']:.2f}%, "
                       f"{summary['wall_time_s']:.1f} s")
         results.setdefault(label, []).append(summary)
 
-    table = Table(title=f"distillab demo: {TEACHER} -> {STUDENT} on digits, last-epoch accuracy, "
-                        f"{seeds} seed(s)")
-    for col in ("run", "params", "side params", "test top-1 %", "val top-1 %", "img/s"):
+    table = Table(title=f"demo: {TEACHER} -> {STUDENT} on digits\nlast-epoch top-1, mean ± std of {seeds} seed(s)")
+    for col in ("run", "params", "side", "test %", "val %", "img/s"):
         table.add_column(col, justify="left" if col == "run" else "right", no_wrap=True)
     for label, runs in results.items():
-        model = TEACHER if label.startswith("teacher") else STUDENT
+        model = TEACHER if label == "teacher" else STUDENT
         table.add_row(f"{model} {label}", f"{runs[0]['student_params']:,}", f"{runs[0]['side_params']:,}",
                       _mean_std([r["test_acc"] for r in runs]), _mean_std([r["val_acc"] for r in runs]),
                       f"{statistics.mean(r['images_per_s'] for r in runs):,.0f}")

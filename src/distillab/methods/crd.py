@@ -124,6 +124,7 @@ class CRDOptions(MethodOptions):
 class CRD(Method):
     Options = CRDOptions
     needs_indices = True
+    distributed_ok = False  # the memory banks are per process
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
