@@ -45,6 +45,7 @@ DERIVED_PARAMS = {
     "vgg11": 9_277_284,
     "vgg16": 14_774_436,
     "vgg19": 20_086_692,
+    "vit_tiny": 822_500,
 }
 PARAMS = {**PUBLISHED_PARAMS, **DERIVED_PARAMS}
 
@@ -186,6 +187,13 @@ def _resnet4(bottleneck: bool, blocks: tuple[int, ...], nc: int) -> int:
     return total + _fc(cin, nc)
 
 
+def _vit(nc: int, patch: int = 4, dim: int = 128, depth: int = 6, hidden: int = 256, grid: int = 8) -> int:
+    # Patch conv (with bias), position embeddings, per block 2 LayerNorms + qkv + proj + 2-layer MLP
+    # (all Linear with bias), the final LayerNorm, fc.
+    block = 2 * 2 * dim + (dim * 3 * dim + 3 * dim) + (dim * dim + dim) + (dim * hidden + hidden) + (hidden * dim + dim)
+    return _conv(3, dim, patch, bias=True) + dim * grid * grid + depth * block + 2 * dim + _fc(dim, nc)
+
+
 _VGG_CFG = {
     "vgg8": [[64], [128], [256], [512], [512]],
     "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]],
@@ -211,6 +219,8 @@ def _formula_params(name: str, nc: int = 100) -> int:
         return _shuffle_v1(nc)
     if name == "ShuffleV2":
         return _shuffle_v2(nc)
+    if name == "vit_tiny":
+        return _vit(nc)
     blocks = {"ResNet18": (2, 2, 2, 2), "ResNet34": (3, 4, 6, 3), "ResNet50": (3, 4, 6, 3)}[name]
     return _resnet4(name == "ResNet50", blocks, nc)
 

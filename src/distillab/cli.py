@@ -49,12 +49,28 @@ def _parser() -> argparse.ArgumentParser:
     _debug_flag(p)
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("search", help="DFA stage 1: search the feature-aggregation weights (aggregation.json)")
+    p.add_argument("config", type=Path, help="YAML run config with method.name: dfa")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set method.options.search.epochs_per_group=2")
+    p.add_argument("--force", action="store_true", help="start an existing search directory again from scratch")
+    _debug_flag(p)
+    p.set_defaults(func=_search)
+
     p = sub.add_parser("eval", help="test accuracy of a run's saved student")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's config (e.g. data.root)")
     _debug_flag(p)
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="write a run's deployed student (RDR: branches merged) as safetensors")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--output", type=Path, help="file to write (default RUN_DIR/exported_student.safetensors)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the run's config (e.g. method.options.fuse_bn=true, data.root)")
+    _debug_flag(p)
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("demo", help="train a teacher and distil students on scikit-learn's digits (~1 min)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
@@ -69,6 +85,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3)
     _debug_flag(p)
     p.set_defaults(func=_bench_suite)
+
+    p = bench.add_parser("throughput", help="training images/s of methods against the bound "
+                                            "(student step + teacher forward)")
+    p.add_argument("--teacher", required=True, help="zoo name of the teacher")
+    p.add_argument("--student", required=True, help="zoo name of the student")
+    p.add_argument("--methods", default="kd", help="comma-separated method names, or 'all' (default: kd)")
+    p.add_argument("--input", default="3x32x32", help="image shape CxHxW (default 3x32x32)")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile each method (warm-up pays compilation)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="measurements per method (the median is reported)")
+    p.add_argument("--option", dest="options", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                   help="a method option, e.g. dfa.mode=last (repeatable)")
+    p.add_argument("--output", type=Path, help="JSON file (default results/throughput/<pair>_<shape>_..json)")
+    _debug_flag(p)
+    p.set_defaults(func=_bench_throughput)
+
+    p = sub.add_parser("report", help="table and curves (PNG) of run directories, finished or not")
+    p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    p.add_argument("--output", type=Path, default=Path("report.png"), help="curves PNG (default report.png)")
+    p.add_argument("--group-seeds", action="store_true",
+                   help="one line per run name without its _s<seed> suffix (mean and +- 1 std band)")
+    _debug_flag(p)
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("models", help="list the model zoo with parameter counts")
     p.add_argument("--num-classes", type=int, default=100)
@@ -104,6 +149,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from distillab.config import load_config
+    from distillab.search import search_dir, search_run
+
+    cfg = load_config(args.config, args.overrides)
+    record = search_run(cfg, force=args.force)
+    table = Table(title=f"DFA aggregation weights ({record['steps_per_group']} steps per group, "
+                        f"{record['search_wall_time_s']:.0f} s)")
+    table.add_column("group")
+    table.add_column("weights (shallow to deep)")
+    for i, group in enumerate(record["groups"]):
+        table.add_row(str(i), "  ".join(f"{w:.3f}" for w in group["weights"]))
+    console = Console()
+    console.print(table)
+    console.print(f"[bold green]done[/]: {search_dir(cfg) / 'aggregation.json'}")
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     from distillab import models
     from distillab.data import load_splits
@@ -130,6 +193,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from distillab.export import export_run
+
+    done = export_run(args.run_dir, args.output, args.overrides)
+    at = f"epoch {done.epoch}" + (f", step {done.step}" if done.step else "")
+    Console().print(f"[bold green]wrote[/] {done.path}: {done.model} ({done.parameters:,} parameters), "
+                    f"deployed by {done.method} from the checkpoint at {at}")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from distillab.demo import run_demo
 
@@ -143,6 +216,50 @@ def _bench_suite(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise DistillabError(f"--seeds must be at least 1, got {args.seeds}")
     run_suite(load_suite(args.suite), args.seeds)
+    return 0
+
+
+def _bench_throughput(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from distillab import methods
+    from distillab.bench.throughput import ThroughputSpec, default_output, measure, parse_shape, results_table
+
+    for name, value in (("--batch", args.batch), ("--steps", args.steps), ("--repeats", args.repeats)):
+        if value < 1:
+            raise DistillabError(f"{name} must be at least 1, got {value}")
+    names = list(methods.available()) if args.methods == "all" else [m for m in args.methods.split(",") if m]
+    options: dict[str, dict] = {}
+    for item in args.options:
+        key, sep, value = item.partition("=")
+        method, dot, option = key.partition(".")
+        if not (sep and dot and option):
+            raise DistillabError(f"--option {item!r}: expected METHOD.KEY=VALUE, e.g. kd.temperature=2")
+        options.setdefault(method, {})[option] = yaml.safe_load(value)
+    spec = ThroughputSpec(teacher=args.teacher, student=args.student, methods=names,
+                          input_shape=parse_shape(args.input), num_classes=args.num_classes, batch=args.batch,
+                          device=args.device, amp=args.amp, compile=args.compile,
+                          channels_last=args.channels_last, warmup=args.warmup, steps=args.steps,
+                          repeats=args.repeats, options=options)
+    console = Console()
+    result = measure(spec, console)
+    output = args.output or default_output(spec)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    console.print(results_table(result))
+    console.print(f"written {output}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from distillab.bench.report import report
+
+    table, figure = report(args.run_dirs, args.output, group_seeds=args.group_seeds)
+    console = Console()
+    console.print(table)
+    console.print(f"curves: {figure}" if figure else "no finished epoch yet: no curves drawn")
     return 0
 
 

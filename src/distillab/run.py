@@ -21,13 +21,13 @@ from distillab.errors import ConfigError, DistillabError
 CONFIG_FILE = "config.yaml"
 
 
-def build_method(cfg: RunConfig, data: DataSplits) -> tuple[methods.Method, dict[str, Any]]:
-    """The teacher (weights loaded), the student (seeded init) and the method around them."""
+def build_models(cfg: RunConfig, data: DataSplits, with_teacher: bool = True
+                 ) -> tuple[torch.nn.Module | None, torch.nn.Module, dict[str, Any]]:
+    """The teacher (weights loaded; None unless `with_teacher`), the student (seeded init) and the run's info."""
     num_classes, shape = data.num_classes, data.image_shape
     info: dict[str, Any] = {"run": cfg.run_name, "student": cfg.student.name, "dataset": cfg.data.name}
     teacher = None
-    method_cls = methods.get(cfg.method.name)
-    if method_cls.requires_teacher:
+    if with_teacher:
         if cfg.teacher is None:
             raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.name and teacher.checkpoint")
         if cfg.teacher.checkpoint is None:
@@ -39,7 +39,14 @@ def build_method(cfg: RunConfig, data: DataSplits) -> tuple[methods.Method, dict
         info["teacher_sha256"] = load_weights(teacher, cfg.teacher.checkpoint, "teacher")
     torch.manual_seed(cfg.seed)
     student = models.build(cfg.student.name, num_classes=num_classes, in_channels=shape[0], **cfg.student.kwargs)
-    method = methods.build(cfg.method.name, student, teacher, input_shape=shape, **cfg.method.options)
+    return teacher, student, info
+
+
+def build_method(cfg: RunConfig, data: DataSplits) -> tuple[methods.Method, dict[str, Any]]:
+    """The teacher (weights loaded), the student (seeded init) and the method around them."""
+    method_cls = methods.get(cfg.method.name)
+    teacher, student, info = build_models(cfg, data, method_cls.requires_teacher)
+    method = methods.build(cfg.method.name, student, teacher, input_shape=data.image_shape, **cfg.method.options)
     return method, info
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from pydantic import Field, ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from distillab.bench.plots import curves_of, plot_accuracy, plot_curves
 from distillab.config import RunConfig, StrictModel, dump_config, format_validation_error, load_config
 from distillab.engine.trainer import SUMMARY_FILE
 from distillab.errors import ConfigError
@@ -70,15 +72,23 @@ def run_suite(suite: Suite, seeds: int, console: Console | None = None) -> dict[
         if saved.is_file() and not _same_config(saved, cfg):
             raise ConfigError(f"{cfg.run_dir} exists but was made from another config than the suite's entry "
                               f"{cfg.run_name!r}: rename the entry or move the run")
-    for i, ((label, seed), cfg) in enumerate(configs.items(), 1):
-        if (cfg.run_dir / SUMMARY_FILE).is_file():
-            console.print(f"[{i}/{len(configs)}] {cfg.run_name}: finished, skipped")
-            continue
-        console.rule(f"[{i}/{len(configs)}] {label}, seed {seed}")
+    todo = [key for key, cfg in configs.items() if not (cfg.run_dir / SUMMARY_FILE).is_file()]
+    if len(todo) < len(configs):
+        console.print(f"{len(configs) - len(todo)} of {len(configs)} runs already finished: "
+                      + ", ".join(configs[k].run_name for k in configs if k not in todo))
+    started, durations = time.perf_counter(), []
+    for i, key in enumerate(todo, 1):
+        cfg = configs[key]
+        eta = (f", about {_minutes(statistics.mean(durations) * (len(todo) - i + 1))} left" if durations else "")
+        console.rule(f"[{i}/{len(todo)}] {key[0]}, seed {key[1]} ({_minutes(time.perf_counter() - started)} "
+                     f"elapsed{eta})")
         resume = cfg.run_dir.is_dir() and any(cfg.run_dir.iterdir())
+        run_start = time.perf_counter()
         train_run(cfg, resume=resume, console=console)
+        durations.append(time.perf_counter() - run_start)
     results = aggregate(suite, {k: json.loads((c.run_dir / SUMMARY_FILE).read_text()) for k, c in configs.items()})
-    write_results(suite, results)
+    run_dirs = {label: [c.run_dir for (lab, _), c in configs.items() if lab == label] for label in suite.runs}
+    write_results(suite, results, run_dirs, seeds)
     console.print(results_table(results))
     return results
 
@@ -137,9 +147,17 @@ def results_table(results: dict[str, Any]) -> Table:
     return table
 
 
-def write_results(suite: Suite, results: dict[str, Any]) -> None:
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+def write_results(suite: Suite, results: dict[str, Any], run_dirs: dict[str, list[Path]], seeds: int) -> None:
+    """results/<name>.json, <name>.md, and the figures <name>_accuracy.png and <name>_curves.png."""
     suite.results_dir.mkdir(parents=True, exist_ok=True)
     (suite.results_dir / f"{suite.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    accuracy = plot_accuracy(results, suite.results_dir / f"{suite.name}_accuracy.png")
+    curves = plot_curves(curves_of(run_dirs), f"{suite.name}: mean over {seeds} seeds, band +- 1 std",
+                         suite.results_dir / f"{suite.name}_curves.png")
     env = results["environment"]
     lines = [
         f"# {suite.name}",
@@ -155,4 +173,5 @@ def write_results(suite: Suite, results: dict[str, Any]) -> None:
         pair = f"{r['teacher']} -> {r['student']}" if r["teacher"] else r["student"]
         lines.append(f"| {label} | {pair} | {len(r['seeds'])} | {_fmt(r['test_acc'])} | {_fmt(r['val_acc'])} | "
                      f"{_fmt(r['best_epoch_test_acc'])} | {r['images_per_s']:,.0f} |")
+    lines += ["", f"![accuracy]({accuracy.name})", "", f"![curves]({curves.name})"]
     (suite.results_dir / f"{suite.name}.md").write_text("\n".join(lines) + "\n")

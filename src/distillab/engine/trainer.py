@@ -300,8 +300,6 @@ class Trainer:
         correct = torch.tensor((partial or {}).get("correct", 0), dtype=torch.long, device=self.device)
         seen = int((partial or {}).get("seen", 0))
         elapsed_before = float((partial or {}).get("elapsed", 0.0))
-        amp = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
-               else contextlib.nullcontext())
         refresh = max(1, steps // 20)
         start = time.perf_counter()
         steps_log = open(self.run_dir / STEPS_FILE, "a") if cfg.log_steps and self.writes else None  # noqa: SIM115
@@ -311,18 +309,7 @@ class Trainer:
                 for step, batch in enumerate(self.loader, start=first):
                     labels = batch[1]  # batch: (images, labels) or (images, labels, indices)
                     lr = learning_rate(cfg.schedule, cfg.optim.lr, epoch, step, steps, cfg.epochs)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = lr
-                    with amp:
-                        logits, terms = self.step_fn(*batch)
-                    loss = sum(terms.values())
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.scaler.scale(loss).backward()
-                    if cfg.optim.grad_clip is not None:
-                        self.scaler.unscale_(self.optimizer)
-                        torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
+                    logits, terms = self.train_step(batch, lr)
                     with torch.no_grad():
                         for key, value in terms.items():
                             sums[key] = sums.get(key, 0) + value.detach().float() * len(labels)
@@ -358,6 +345,25 @@ class Trainer:
             result = self._eval(method.student, split)
             record[f"{split}_acc"], record[f"{split}_loss"] = result["acc"], result["loss"]
         return record
+
+    def train_step(self, batch: tuple[torch.Tensor, ...], lr: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step on `batch` at learning rate `lr`; returns the logits and the loss terms."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self._autocast():
+            logits, terms = self.step_fn(*batch)
+        loss = sum(terms.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.optim.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return logits, terms
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
     def _log_step(self, log, epoch: int, step: int, lr: float, terms: dict[str, torch.Tensor], n: int) -> None:
         """One line per step: the global batch's mean loss terms (all ranks take part in the reduction)."""

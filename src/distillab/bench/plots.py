@@ -1,0 +1,94 @@
+"""PNG figures of runs: final accuracy with error bars, and per-epoch curves (mean over seeds, +- 1 std band)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from distillab.engine.trainer import METRICS_FILE
+
+CURVE_PANELS = (("test_acc", "test top-1 accuracy (%)"), ("test_loss", "test cross-entropy"),
+                ("loss", "training objective (each method's own terms)"))
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-epoch records of a run (its metrics.jsonl)."""
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def curves_of(runs: dict[str, list[Path]]) -> dict[str, dict[str, np.ndarray]]:
+    """label -> metric -> array (runs x epochs), over the epochs every run of the label has finished."""
+    curves = {}
+    for label, dirs in runs.items():
+        records = [r for r in (read_metrics(d) for d in dirs) if r]
+        if not records:
+            continue
+        epochs = min(len(r) for r in records)
+        curves[label] = {key: np.array([[rec.get(key, np.nan) for rec in r[:epochs]] for r in records], dtype=float)
+                         for key, _ in CURVE_PANELS}
+    return curves
+
+
+def plot_curves(curves: dict[str, dict[str, np.ndarray]], title: str, out: Path) -> Path:
+    """One panel per metric of CURVE_PANELS, one line per label (mean over its runs, band +- 1 std)."""
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(5.2 * len(CURVE_PANELS), 4.2), constrained_layout=True)
+    for ax, (key, ylabel) in zip(axes, CURVE_PANELS, strict=True):
+        for label, metrics in curves.items():
+            values = metrics[key]
+            epochs = np.arange(1, values.shape[1] + 1)
+            mean = values.mean(0)
+            std = values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
+            ax.plot(epochs, mean, marker="o", markersize=3, label=label)
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.15)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        if key == "loss":  # methods' objectives differ by orders of magnitude
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small", ncol=2 if len(curves) > 8 else 1)
+    fig.suptitle(title)
+    return _save(fig, out)
+
+
+def plot_accuracy(results: dict[str, Any], out: Path) -> Path:
+    """Horizontal bars of last-epoch test accuracy, mean +- std over seeds, with each seed as a dot."""
+    rows = results["runs"]
+    labels = list(rows)
+    means = [rows[k]["test_acc"]["mean"] for k in labels]
+    stds = [rows[k]["test_acc"]["std"] for k in labels]
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.6), constrained_layout=True)
+    y = np.arange(len(labels))[::-1]
+    ax.barh(y, means, xerr=stds, color="tab:blue", alpha=0.6, capsize=3)
+    for yi, k in zip(y, labels, strict=True):
+        seeds = rows[k]["per_seed_test_acc"]
+        ax.plot(seeds, [yi] * len(seeds), "k.", markersize=4)
+        right = max(*seeds, rows[k]["test_acc"]["mean"] + rows[k]["test_acc"]["std"])
+        ax.text(right + 0.15, yi, f"{rows[k]['test_acc']['mean']:.2f}", va="center", fontsize="small")
+    teacher = next((r["teacher_test_acc"] for r in rows.values() if r.get("teacher_test_acc")), None)
+    if teacher is not None:
+        ax.axvline(teacher, color="tab:red", linestyle="--", label=f"teacher {teacher:.2f}")
+        ax.legend(loc="lower right", fontsize="small")
+    ax.set_yticks(y, labels)
+    lo = min(min(rows[k]["per_seed_test_acc"]) for k in labels)
+    hi = max([max(rows[k]["per_seed_test_acc"]) for k in labels] + [teacher or 0])
+    ax.set_xlim(lo - 1.0, hi + 1.5)
+    ax.set_xlabel("last-epoch test top-1 accuracy (%), mean +- std; dots: seeds")
+    ax.set_title(f"{results['suite']} ({results['dataset']})")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,71 @@
+"""`distillab report`: a table and curves for any run directories, finished or not."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+from distillab.bench.plots import curves_of, plot_curves, read_metrics
+from distillab.engine.trainer import SUMMARY_FILE
+from distillab.errors import DistillabError
+from distillab.run import CONFIG_FILE
+
+_SEED_SUFFIX = re.compile(r"_s\d+$")
+
+
+def describe_run(run_dir: Path) -> dict[str, Any]:
+    """What a run directory says about itself: config, per-epoch records, summary when finished."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise DistillabError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
+    cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
+    summary_path = run_dir / SUMMARY_FILE
+    return {
+        "run": run_dir.name,
+        "dir": run_dir,
+        "method": cfg.get("method", {}).get("name", "?"),
+        "teacher": (cfg.get("teacher") or {}).get("name"),
+        "student": cfg.get("student", {}).get("name", "?"),
+        "epochs": cfg.get("train", {}).get("epochs"),
+        "records": read_metrics(run_dir),
+        "finished": summary_path.is_file(),
+    }
+
+
+def report_table(runs: list[dict[str, Any]]) -> Table:
+    table = Table(title="runs at their last finished epoch", caption="best val: test % at the best-val epoch (ep)")
+    for col in ("run", "method", "teacher→student", "epoch", "test %", "val %", "best val", "img/s"):
+        table.add_column(col, justify="left" if col in ("run", "method", "teacher→student") else "right")
+    for r in runs:
+        last = r["records"][-1] if r["records"] else {}
+        best = max((x for x in r["records"] if "val_acc" in x), key=lambda x: x["val_acc"], default=None)
+        table.add_row(
+            r["run"], r["method"], f"{r['teacher']}→{r['student']}" if r["teacher"] else r["student"],
+            f"{last.get('epoch', 0)}/{r['epochs']}", _pct(last.get("test_acc")), _pct(last.get("val_acc")),
+            f"{best['test_acc']:.2f} ({best['epoch']})" if best else "-",
+            f"{last['images_per_s']:,.0f}" if "images_per_s" in last else "-")
+    return table
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def report(run_dirs: list[Path], output: Path, group_seeds: bool = False) -> tuple[Table, Path | None]:
+    """The table of `run_dirs` and their curves in `output` (None when no run has a finished epoch).
+
+    With `group_seeds`, runs whose names differ only by a `_s<seed>` suffix share one line (mean, +- 1 std).
+    """
+    runs = [describe_run(d) for d in run_dirs]
+    names_unique = len({r["run"] for r in runs}) == len(runs)
+    groups: dict[str, list[Path]] = {}
+    for r in runs:
+        key = r["run"] if names_unique else str(r["dir"])
+        groups.setdefault(_SEED_SUFFIX.sub("", key) if group_seeds else key, []).append(r["dir"])
+    curves = curves_of(groups)
+    figure = plot_curves(curves, "runs: " + ", ".join(curves), output) if curves else None
+    return report_table(runs), figure

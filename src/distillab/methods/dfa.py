@@ -1,0 +1,205 @@
+"""`dfa`: Guan et al., "Differentiable Feature Aggregation Search for Knowledge Distillation" (ECCV 2020), stage 2.
+
+For every group i (a stage of the teacher: its block outputs share one resolution; the stem is excluded) the
+target is the aggregation A_i = sum_j alpha_i^j T_i^j of the teacher's block outputs (Eq. 2), and
+L = ce_weight * CE + gamma_fd * sum_i MSE(BN(Conv1x1(S_i)), A_i), S_i the student's stage output (Eqs. 3-4, the
+spec's Option A: identity teacher transform, mean squared error summed over groups; no logit KD).
+
+The weights alpha are fixed buffers (no gradient, saved in checkpoints): searched by `distillab search` (stage 1,
+`distillab.search.dfa`) and read from its aggregation.json (`mode: searched`), or the ablations `last` (one-hot on
+the last block: plain feature distillation, Eq. 1), `average` (uniform) and `random` (softmax of seeded N(0, 1)).
+`method.options.search` holds the stage-1 options; stage 2 ignores them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from distillab.errors import ConfigError
+from distillab.methods.base import Method, MethodOptions, register
+from distillab.models.staged import StagedNet
+
+AGGREGATION_FILE = "aggregation.json"
+
+
+class DFASearchOptions(MethodOptions):
+    """Stage 1 (`distillab search`): Algorithm 1, first order, one group after the other."""
+
+    epochs_per_group: float = Field(10.0, gt=0, description="I_s: passes over the D_w half per group (may be "
+                                    "fractional); each step is one beta-step on D_beta and one w-step on D_w")
+    gamma_ts: float = Field(1.0, ge=0, description="weight of the teacher-to-student path (CE through the student)")
+    gamma_st: float = Field(1.0, ge=0, description="weight of the student-to-teacher path (2 - 2cos)")
+    beta_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the architecture parameters")
+    beta_betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas of the architecture parameters")
+    beta_l2: float = Field(1e-3, ge=0, description="lambda of lambda * ||beta_i||^2, added on the beta-step")
+    w_lr: float = Field(0.05, gt=0, description="SGD learning rate (constant) of the student and connectors")
+    w_momentum: float = Field(0.9, ge=0, lt=1)
+    w_weight_decay: float = Field(5e-4, ge=0)
+    add_student_ce: bool = Field(False, description="add CE(student(x), y) to the w-step loss")
+    split_seed: int = Field(0, description="seed of the 50/50 split of the training set into D_w and D_beta")
+
+
+class DFAOptions(MethodOptions):
+    mode: Literal["searched", "last", "average", "random"] = Field(
+        "searched", description="aggregation weights: from `weights` (searched), or the ablations")
+    weights: Path | None = Field(None, description=f"the {AGGREGATION_FILE} written by `distillab search` "
+                                 "(mode: searched)")
+    random_seed: int = Field(0, description="seed of the mode-random weights")
+    gamma_fd: float | None = Field(None, ge=0, description="weight of the feature distance; required (the spec "
+                                   "gives no default; try 1, 10, 100)")
+    ce_weight: float = Field(1.0, ge=0)
+    search: DFASearchOptions = Field(DFASearchOptions(), description="stage-1 options (`distillab search`)")
+
+
+# ---------------------------------------------------------------------------------------------- groups
+@dataclass(frozen=True)
+class Groups:
+    """The groups shared by a teacher and a student: per stage, the teacher's candidate blocks and both widths."""
+
+    candidates: list[list[int]]  # indices of the teacher blocks whose output has the stage output's shape
+    teacher_channels: list[int]
+    student_channels: list[int]
+
+    @property
+    def sizes(self) -> list[int]:
+        return [len(c) for c in self.candidates]
+
+    @property
+    def names(self) -> list[list[str]]:
+        return [[f"stages.{i}.{j}" for j in blocks] for i, blocks in enumerate(self.candidates)]
+
+
+def block_outputs(net: StagedNet, x: torch.Tensor, last_stage: int) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+    """The output of every block of stages 0..last_stage, per stage, and the output of stage `last_stage`."""
+    h, outputs = net.stem(x), []
+    for stage in net.stages[: last_stage + 1]:
+        maps = []
+        for block in stage:
+            h = block(h)
+            maps.append(h)
+        outputs.append(maps)
+    return outputs, h
+
+
+def match_groups(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, int, int]) -> Groups:
+    """Pair the stages of two zoo models; they must have as many stages, at the same resolutions."""
+    for role, net in (("teacher", teacher), ("student", student)):
+        if not isinstance(net, StagedNet):
+            raise ConfigError(f"dfa needs zoo models (StagedNet): the {role} {type(net).__name__} is not one")
+    param = next(teacher.parameters())
+    x = torch.zeros(2, *input_shape, dtype=param.dtype, device=param.device)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with torch.no_grad():
+            maps, _ = block_outputs(teacher, x, len(teacher.stages) - 1)
+    finally:
+        teacher.train(was_training)
+    t_shapes = [tuple(stage[-1].shape[1:]) for stage in maps]
+    s_shapes = student.stage_shapes(input_shape)
+    if [s[1:] for s in t_shapes] != [s[1:] for s in s_shapes]:
+        raise ConfigError(f"dfa pairs teacher and student stage by stage: their stage outputs must have the same "
+                          f"resolutions, got teacher {t_shapes} and student {s_shapes}")
+    candidates = [[j for j, m in enumerate(stage) if tuple(m.shape[1:]) == shape]
+                  for stage, shape in zip(maps, t_shapes, strict=True)]
+    return Groups(candidates, [s[0] for s in t_shapes], [s[0] for s in s_shapes])
+
+
+def aggregate(maps: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: sum_j weights[j] * maps[j]."""
+    out = weights[0] * maps[0]
+    for w, m in zip(weights[1:], maps[1:], strict=True):
+        out = out + w * m
+    return out
+
+
+def teacher_groups(teacher: StagedNet, groups: Groups, x: torch.Tensor, last_group: int) -> list[list[torch.Tensor]]:
+    """The candidate maps T_i^j of groups 0..last_group, without autograd."""
+    with torch.no_grad():
+        maps, _ = block_outputs(teacher, x, last_group)
+    return [[stage[j] for j in blocks] for stage, blocks in zip(maps, groups.candidates, strict=False)]
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def fixed_weights(opts: DFAOptions, sizes: list[int]) -> list[torch.Tensor]:
+    """The aggregation weights of each group for `opts.mode`."""
+    if opts.mode == "searched":
+        return read_aggregation(opts.weights, sizes)
+    if opts.mode == "last":
+        return [F.one_hot(torch.tensor(n - 1), n).float() for n in sizes]
+    if opts.mode == "average":
+        return [torch.full((n,), 1.0 / n) for n in sizes]
+    gen = torch.Generator().manual_seed(opts.random_seed)
+    return [torch.randn(n, generator=gen).softmax(0) for n in sizes]
+
+
+def read_aggregation(path: Path | None, sizes: list[int]) -> list[torch.Tensor]:
+    """The searched weights of an aggregation.json, checked against the teacher's group sizes."""
+    if path is None:
+        raise ConfigError("method.options.weights is not set: mode searched reads the aggregation.json that "
+                          "`distillab search <config>` writes (or choose mode last, average or random)")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / AGGREGATION_FILE
+    if not path.is_file():
+        raise ConfigError(f"method.options.weights: {path} does not exist; run `distillab search` first")
+    try:
+        weights = [g["weights"] for g in json.loads(path.read_text())["groups"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"method.options.weights: {path} is not an aggregation file ({exc})") from None
+    found = [len(w) for w in weights]
+    if found != sizes:
+        raise ConfigError(f"method.options.weights: {path} has groups of {found} weights but this teacher has "
+                          f"{sizes} candidate maps per group (was it searched for another teacher?)")
+    out = [torch.tensor(w, dtype=torch.float32) for w in weights]
+    if any(bool((w < 0).any()) or abs(float(w.sum()) - 1.0) > 1e-4 for w in out):
+        raise ConfigError(f"method.options.weights: {path}: each group's weights must be >= 0 and sum to 1")
+    return out
+
+
+def feature_connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
+    """F_s^i (Option A): Conv1x1 + BN from the student's stage width to the teacher's."""
+    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False),
+                         nn.BatchNorm2d(teacher_channels))
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+@register("dfa")
+class DFA(Method):
+    Options = DFAOptions
+
+    def __init__(self, student, teacher=None, **options) -> None:
+        super().__init__(student, teacher, **options)
+        if self.opts.gamma_fd is None:
+            raise ConfigError("method.options.gamma_fd is required for dfa (the paper gives no value; the spec "
+                              "suggests trying 1, 10 and 100)")
+        self.groups = match_groups(teacher, student, self.input_shape)
+        for i, weights in enumerate(fixed_weights(self.opts, self.groups.sizes)):
+            self.register_buffer(f"alpha_{i}", weights)
+        self.connectors = nn.ModuleList(feature_connector(cs, ct) for cs, ct in
+                                        zip(self.groups.student_channels, self.groups.teacher_channels, strict=True))
+        self.student_tap = self.tap(student, student.feature_names)
+
+    @property
+    def alphas(self) -> list[torch.Tensor]:
+        return [getattr(self, f"alpha_{i}") for i in range(len(self.groups.sizes))]
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        logits = self.student(images)
+        student_maps = self.student_tap.take()
+        teacher_maps = teacher_groups(self.teacher, self.groups, images, len(self.groups.sizes) - 1)
+        fd = sum(F.mse_loss(connector(s).float(), aggregate(t, alpha).float())
+                 for connector, s, t, alpha in zip(self.connectors, student_maps, teacher_maps, self.alphas,
+                                                   strict=True))
+        return logits, {
+            "ce": self.opts.ce_weight * F.cross_entropy(logits, labels),
+            "fd": self.opts.gamma_fd * fd,
+        }

@@ -1,0 +1,420 @@
+"""`rdr`: RDR (reconstructed), progressive distillation through re-parameterized student branches.
+
+Yao et al., "Progressively Knowledge Distillation via Re-parameterizing Diffusion Reverse Process", AAAI 2024.
+A reconstruction from the abstract (spec `shared/methods/rdr.md`; everything beyond the abstract is a design
+choice and a configurable option). The last conv(+BN) before global pooling of the student becomes K parallel
+linear branches. Each step their outputs are taken in a random order; the running partial sums, plus the
+block's shortcut, give K student features f_1..f_K. Through a shared bridge (1×1 conv + BN) each f_k regresses
+its own target on a diffusion-style schedule from the detached bridged f_1 to the teacher feature:
+
+    target_k = mixA(ā_k)·t + mixB(ā_k)·x_n + σ_k·ε,   ā_K = 1, so target_K = t
+    L = ce·CE + β·Σ_k w_k·MSE(g(f_k), target_k) [+ kd·T²·KL] [+ tg·mean_{k<K} CE(head(act(f_k)))]
+
+The network continues from act(f_K), the full sum, as the deployed one does. `deploy_student()` merges the
+branches into the plain conv + BN of the unmodified architecture: same parameter count and FLOPs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationInfo, field_validator
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from distillab.errors import ConfigError
+from distillab.features import FeatureTap
+from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.kd import kd_loss
+from distillab.methods.zoo_taps import preact_stage_names
+from distillab.reparam import (
+    RepBranches,
+    branch_kernel_size,
+    fuse_conv_bn_modules,
+    load_into_conv_bn,
+    merge_branches,
+)
+
+Schedule = Literal["linear", "cosine"]
+Mix = Literal["vp", "linear"]
+Start = Literal["student", "noise", "student_plus_noise"]
+
+
+# -- the diffusion-style schedule -------------------------------------------------------------------
+def abar_schedule(steps: int, name: Schedule = "linear") -> list[float]:
+    """ā_1..ā_K, increasing to ā_K = 1: linear k/K, or cosine cos²(π/2·(K−k)/K)."""
+    if name == "linear":
+        return [k / steps for k in range(1, steps + 1)]
+    return [math.cos(math.pi / 2 * (steps - k) / steps) ** 2 for k in range(1, steps + 1)]
+
+
+def mix_coefficients(abar: float, mix: Mix = "vp") -> tuple[float, float]:
+    """(weight of the teacher feature, weight of x_n): vp (√ā, √(1−ā)) or linear (ā, 1−ā)."""
+    if mix == "vp":
+        return math.sqrt(abar), math.sqrt(1.0 - abar)
+    return abar, 1.0 - abar
+
+
+def trajectory_start(first: torch.Tensor, start: Start = "student", sigma: float = 1.0) -> torch.Tensor:
+    """x_n, the student end of the trajectory: the detached bridged f_1, pure noise, or f_1 plus σ_0·noise."""
+    if start == "noise":
+        return torch.randn_like(first)
+    if start == "student_plus_noise":
+        return first.detach() + sigma * torch.randn_like(first)
+    return first.detach()
+
+
+def step_targets(teacher: torch.Tensor, start: torch.Tensor, abar: list[float], mix: Mix = "vp",
+                 sigma_scale: float = 0.0) -> list[torch.Tensor]:
+    """target_k = mixA(ā_k)·t + mixB(ā_k)·x_n + σ_k·ε with σ_k = sigma_scale·√(1−ā_k); at ā = 1 it is t itself."""
+    targets = []
+    for a in abar:
+        coef_t, coef_x = mix_coefficients(a, mix)
+        target = teacher if coef_x == 0.0 else coef_t * teacher + coef_x * start
+        sigma = sigma_scale * math.sqrt(1.0 - a)
+        if sigma > 0:
+            target = target + sigma * torch.randn_like(teacher)
+        targets.append(target)
+    return targets
+
+
+def progressive_loss(predictions: list[torch.Tensor], targets: list[torch.Tensor],
+                     weights: list[float]) -> torch.Tensor:
+    """Σ_k w_k · mean-squared error of the k-th bridged student feature against its target."""
+    return sum(w * F.mse_loss(p.float(), t.float()) for p, t, w in zip(predictions, targets, weights, strict=True))
+
+
+# -- student features ---------------------------------------------------------------------------
+def draw_order(steps: int, shuffle: bool = True) -> list[int]:
+    """The order the branches are taken in this step: a fresh permutation (global RNG), or 0..K−1."""
+    return torch.randperm(steps).tolist() if shuffle else list(range(steps))
+
+
+def step_features(outputs: list[torch.Tensor], order: list[int], mode: str = "partial_sum") -> list[torch.Tensor]:
+    """z_1..z_K: partial sums z_k = Σ_{j≤k} y_order[j] (`partial_sum`), or single branches y_order[k]."""
+    if mode == "single_branch":
+        return [outputs[j] for j in order]
+    sums = [outputs[order[0]]]
+    for j in order[1:]:
+        sums.append(sums[-1] + outputs[j])
+    return sums
+
+
+def as_feature_map(x: torch.Tensor) -> torch.Tensor:
+    """B×C×H×W as it is; B×N×C tokens become B×C×√N×√N (a leading class token is dropped when N−1 is square)."""
+    if x.dim() == 4:
+        return x
+    n = x.shape[1]
+    side = math.isqrt(n)
+    if side * side != n:
+        side = math.isqrt(n - 1)
+        if side * side != n - 1:
+            raise ConfigError(f"teacher tokens: {n} tokens are neither a square grid nor one class token plus one")
+        x = x[:, 1:]
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+
+
+def align_spatial(x: torch.Tensor, size: tuple[int, int], mode: str = "pool") -> torch.Tensor:
+    """`x` resized to `size`: adaptive average pooling (to a smaller size) or bilinear (to a larger one)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "pool":
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+# -- locating and replacing the student's layer ---------------------------------------------------
+@dataclass(frozen=True)
+class Site:
+    """Where the branches go: the replaced conv, the BN right after it (None for a bare conv), the block that
+    holds them, and the tap of the student feature f (the layer output plus the block's shortcut, before
+    the block's activation)."""
+
+    conv: str
+    bn: str | None
+    block: str
+    feature: str
+
+
+def default_conv(student: nn.Module) -> str:
+    """The last conv before global pooling: the last conv of `head.pre` if it has one (MobileNetV2,
+    ShuffleV2), else the last conv child of the last block of the last stage, shortcuts excluded."""
+    names = getattr(student, "feature_names", None)
+    if not names:
+        raise ConfigError(f"{type(student).__name__} is not a zoo model: set method.options.where")
+    pre = student.get_submodule(student.prepool_name)
+    convs = [n for n, m in pre.named_modules() if isinstance(m, nn.Conv2d)]
+    if convs:
+        return f"{student.prepool_name}.{convs[-1]}"
+    stage = student.get_submodule(names[-1])
+    block = f"{names[-1]}.{len(stage) - 1}"
+    convs = [n for n, m in student.get_submodule(block).named_children()
+             if isinstance(m, nn.Conv2d) and n != "shortcut"]
+    if not convs:
+        raise ConfigError(f"{type(student).__name__}: no conv in {block!r}: set method.options.where")
+    return f"{block}.{convs[-1]}"
+
+
+def locate(student: nn.Module, where: str) -> Site:
+    """The site of the conv named `where`: the BN that follows it among its siblings, and its block's feature."""
+    modules = dict(student.named_modules())
+    conv = modules.get(where)
+    if not isinstance(conv, nn.Conv2d) or "." not in where:
+        raise ConfigError(f"method.options.where: {where!r} is not a Conv2d inside a block of "
+                          f"{type(student).__name__}")
+    block, _, child = where.rpartition(".")
+    siblings = list(modules[block].named_children())
+    names = [n for n, _ in siblings]
+    after = siblings[names.index(child) + 1:]
+    bn = None
+    if after and isinstance(after[0][1], _BatchNorm) and after[0][1].num_features == conv.out_channels:
+        bn = f"{block}.{after[0][0]}"
+    relu = getattr(modules[block], "relu", None)
+    feature = f"{block}.relu:input" if isinstance(relu, nn.ReLU) else block
+    return Site(where, bn, block, feature)
+
+
+def check_site(student: nn.Module, site: Site, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Check by a dry run (eval mode) that the BN consumes the conv's output and that the feature is the layer
+    output plus a term independent of it (so partial sums give partial features); returns the feature shape."""
+    param = next(student.parameters())
+    x = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0)).to(param)
+    layer = student.get_submodule(site.bn or site.conv)
+    names = [site.conv, site.feature] + ([f"{site.bn}:input"] if site.bn else [])
+    was_training = student.training
+    student.eval()
+    try:
+        with torch.no_grad(), FeatureTap(student, names) as tap:
+            student(x)
+            if site.bn and tap[f"{site.bn}:input"] is not tap[site.conv]:
+                raise ConfigError(f"method.options.where: {site.bn!r} does not take the output of {site.conv!r}")
+            feature = tap[site.feature]
+            handle = layer.register_forward_hook(lambda _m, _i, out: out + 1.0)
+            try:
+                student(x)
+            finally:
+                handle.remove()
+            shifted = tap[site.feature]
+    finally:
+        student.train(was_training)
+    if not torch.allclose(shifted - feature, torch.ones_like(feature), atol=1e-3):
+        raise ConfigError(f"method.options.where: the student feature {site.feature!r} is not the output of "
+                          f"{site.bn or site.conv!r} plus a shortcut, so its branches cannot give partial features")
+    return tuple(feature.shape[1:])
+
+
+def branch_kinds(conv: nn.Conv2d, kinds: list[str] | None, steps: int) -> list[str]:
+    """The branch kinds (default K copies of the replaced kernel), checked against the conv's geometry."""
+    k = conv.kernel_size[0]
+    if (conv.kernel_size != (k, k) or k % 2 == 0 or conv.padding not in ((k // 2, k // 2), "same")
+            or conv.dilation != (1, 1) or conv.stride[0] != conv.stride[1] or conv.padding_mode != "zeros"):
+        raise ConfigError(f"method.options.where: {conv} is not a square odd-kernel 'same'-padded conv "
+                          "with square stride and no dilation")
+    return list(kinds) if kinds is not None else [f"{k}x{k}"] * steps
+
+
+def init_branches(layer: RepBranches, conv: nn.Conv2d) -> None:
+    """The first branch keeps the student's own initial kernel when its size matches; the other convs are drawn
+    from N(0, s²), s = that kernel's std × k_replaced / k_branch (the fan scaling of the zoo's init rules)."""
+    std = conv.weight.detach().std().item()
+    with torch.no_grad():
+        for index, branch in enumerate(layer.branches):
+            branch_conv = getattr(branch, "conv", None)
+            if branch_conv is None:
+                continue
+            if index == 0 and branch_conv.weight.shape == conv.weight.shape:
+                branch_conv.weight.copy_(conv.weight)
+            else:
+                nn.init.normal_(branch_conv.weight, 0.0, std * conv.kernel_size[0] / branch_conv.kernel_size[0])
+
+
+def replace_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent), name, module)
+
+
+def bridge(in_channels: int, out_channels: int) -> nn.Sequential:
+    """The weak bridge g: 1×1 conv (no bias) + BN."""
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+
+
+# -- options and the method -----------------------------------------------------------------------
+class RDROptions(MethodOptions):
+    K: int = Field(4, ge=1, description="student features = branches = steps")
+    where: str | None = Field(None, description="the replaced conv; default: the last conv before global pooling")
+    branch_kinds: list[str] | None = Field(None, description="'kxk' or 'identity' per branch; default K x the kernel")
+    branch_bn_gamma_init: float = 1.0
+    shuffle: bool = Field(True, description="re-draw the branch order every step; false: fixed order")
+    features: Literal["partial_sum", "single_branch"] = "partial_sum"
+    schedule: Schedule = "linear"
+    mix: Mix = "vp"
+    start: Start = "student"
+    start_sigma: float = Field(1.0, ge=0, description="σ_0 of start=student_plus_noise")
+    sigma_scale: float = Field(0.0, ge=0)
+    bridge: Literal["shared", "per_step"] = "shared"
+    teacher_feature: Literal["preact", "postact"] = "preact"
+    teacher_layer: str | None = Field(None, description="tap name of the teacher feature (overrides teacher_feature)")
+    align_spatial: Literal["pool", "bilinear"] = Field("pool", description="pool the larger map, or upsample")
+    beta: float = Field(1.0, ge=0)
+    w_k: list[float] | None = Field(None, description="per-step weights; default 1/K each")
+    ce_weight: float = Field(1.0, ge=0)
+    kd_weight: float = Field(0.0, ge=0)
+    kd_T: float = Field(4.0, gt=0)
+    target_guided: bool = False
+    tg_weight: float = Field(1.0, ge=0)
+    fuse_bn: bool = Field(False, description="deploy the merged layer as one conv with bias (not the plain structure)")
+
+    @field_validator("branch_kinds", "w_k")
+    @classmethod
+    def _one_per_step(cls, value: list | None, info: ValidationInfo) -> list | None:
+        steps = info.data.get("K")
+        if value is not None and steps is not None and len(value) != steps:
+            raise ValueError(f"needs K={steps} entries, got {len(value)}")
+        return value
+
+    @field_validator("branch_kinds")
+    @classmethod
+    def _known_kinds(cls, value: list[str] | None) -> list[str] | None:
+        for kind in value or []:
+            branch_kernel_size(kind)
+        return value
+
+
+@register("rdr")
+class RDR(Method):
+    Options = RDROptions
+
+    def __init__(self, student, teacher=None, **options) -> None:
+        super().__init__(student, teacher, **options)
+        opts = self.opts
+        self.site = locate(student, opts.where or default_conv(student))
+        if opts.target_guided and self.site.block not in (student.prepool_name, _last_block(student)):
+            raise ConfigError("method.options.target_guided needs the replaced layer in the last block or head.pre")
+        conv = student.get_submodule(self.site.conv)
+        bn = student.get_submodule(self.site.bn) if self.site.bn else None
+        kinds = branch_kinds(conv, opts.branch_kinds, opts.K)
+        try:
+            layer = RepBranches(conv.in_channels, conv.out_channels, conv.kernel_size[0], kinds, conv.stride[0],
+                                conv.groups, with_bn=bn is not None, bn_gamma_init=opts.branch_bn_gamma_init)
+        except ValueError as exc:
+            raise ConfigError(f"method.options.branch_kinds: {exc} (replacing {self.site.conv!r})") from None
+        feature_shape = check_site(student, self.site, self.input_shape)
+        # A plain copy for deploy_student, set around nn.Module so that it stays out of state_dict and .to().
+        object.__setattr__(self, "_plain_template", copy.deepcopy(student))
+        init_branches(layer, conv)
+        replace_module(student, self.site.conv, layer.to(conv.weight))
+        if bn is not None:
+            replace_module(student, self.site.bn, nn.Identity())
+        self._replaced_params = sum(p.numel() for m in (conv, bn) if m is not None for p in m.parameters())
+
+        self.teacher_name = opts.teacher_layer or teacher_feature_name(teacher, opts.teacher_feature, self.input_shape)
+        teacher_shape = self.shapes(teacher, [self.teacher_name])[self.teacher_name]
+        teacher_channels = teacher_shape[-1] if len(teacher_shape) == 2 else teacher_shape[0]
+        self.bridge = (bridge(feature_shape[0], teacher_channels) if opts.bridge == "shared" else
+                       nn.ModuleList(bridge(feature_shape[0], teacher_channels) for _ in range(opts.K)))
+        self.abar = abar_schedule(opts.K, opts.schedule)
+        self.weights = opts.w_k or [1.0 / opts.K] * opts.K
+        branch_names = [f"{self.site.conv}.branches.{i}" for i in range(opts.K)]
+        self.student_tap = self.tap(student, [*branch_names, self.site.conv, self.site.feature])
+        self.teacher_tap = self.tap(teacher, [self.teacher_name])
+
+    # -- training ---------------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+        opts = self.opts
+        logits = self.student(images)
+        *outputs, layer_output, feature = self.student_tap.take()
+        teacher_logits = self.teacher_forward(images)
+        (teacher_feature,) = self.teacher_tap.take()
+        shortcut = feature - layer_output  # what the block adds to the layer's output (0 when nothing)
+        features = [z + shortcut for z in step_features(outputs, draw_order(opts.K, opts.shuffle), opts.features)]
+        bridged = self.bridged(features)
+        target = as_feature_map(teacher_feature).float()
+        size = _common_size(bridged[0], target, opts.align_spatial)
+        bridged = [align_spatial(h, size, opts.align_spatial) for h in bridged]
+        target = align_spatial(target, size, opts.align_spatial)
+        start = trajectory_start(bridged[0].float(), opts.start, opts.start_sigma)
+        targets = step_targets(target, start, self.abar, opts.mix, opts.sigma_scale)
+        terms = {
+            "ce": opts.ce_weight * F.cross_entropy(logits, labels),
+            "rdr": opts.beta * progressive_loss(bridged, targets, self.weights),
+        }
+        if opts.kd_weight > 0:
+            terms["kd"] = opts.kd_weight * kd_loss(logits, teacher_logits, opts.kd_T)
+        if opts.target_guided and opts.K > 1:
+            partial_logits = self.logits_from_feature(torch.cat(features[:-1]))
+            terms["tg"] = opts.tg_weight * F.cross_entropy(partial_logits, labels.repeat(opts.K - 1))
+        return logits, terms
+
+    def bridged(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """g(f_k) for every k: one call of the shared bridge on the K·B batch (one BN over all), or a bridge per k."""
+        if isinstance(self.bridge, nn.ModuleList):
+            return [g(f) for g, f in zip(self.bridge, features, strict=True)]
+        return list(self.bridge(torch.cat(features)).split(features[0].shape[0]))
+
+    def logits_from_feature(self, feature: torch.Tensor) -> torch.Tensor:
+        """The student's logits continued from a feature f: its block's activation, then the head's rest."""
+        block = self.student.get_submodule(self.site.block)
+        act = block.relu(feature) if self.site.feature.endswith(":input") else feature
+        head = self.student.head
+        return head.fc(head.pool(act)) if self.site.block == self.student.prepool_name else head(act)
+
+    # -- deployment -------------------------------------------------------------------------------
+    @property
+    def branches(self) -> RepBranches:
+        return self.student.get_submodule(self.site.conv)
+
+    def deploy_student(self) -> nn.Module:
+        """The plain student architecture with every branch merged into the replaced conv (+ BN); no bridge.
+
+        With `fuse_bn` the merged layer becomes one conv with a bias and its BN an identity.
+        """
+        layer = self.branches
+        param = next(layer.parameters(), next(self.student.parameters()))
+        plain = copy.deepcopy(self._plain_template).to(device=param.device, dtype=param.dtype)
+        prefix = f"{self.site.conv}."
+        state = {k: v for k, v in self.student.state_dict().items() if not k.startswith(prefix)}
+        missing, unexpected = plain.load_state_dict(state, strict=False)
+        own = (self.site.conv, self.site.bn)
+        if unexpected or any(k.rpartition(".")[0] not in own for k in missing):
+            raise RuntimeError(f"the training student does not match its plain copy: {unexpected[:3]}, {missing[:3]}")
+        weight, bias = merge_branches(layer)
+        conv = plain.get_submodule(self.site.conv)
+        bn = plain.get_submodule(self.site.bn) if self.site.bn else None
+        load_into_conv_bn(conv, bn, weight.to(param.dtype), bias.to(param.dtype))
+        if self.opts.fuse_bn and bn is not None:
+            replace_module(plain, self.site.conv, fuse_conv_bn_modules(conv, bn.eval()))
+            replace_module(plain, self.site.bn, nn.Identity())
+        return plain
+
+    def side_parameter_count(self) -> int:
+        """The bridge plus what the branches add to the replaced layer."""
+        branches = sum(p.numel() for p in self.branches.parameters())
+        return super().side_parameter_count() + branches - self._replaced_params
+
+
+def teacher_feature_name(teacher: nn.Module, which: str, input_shape: tuple[int, ...]) -> str:
+    """The teacher's pre-pool map (`postact`), or the same before its final activation (`preact`): the input of
+    `head.pre`'s ReLU when `head.pre` holds a conv, else the last stage's pre-activation output."""
+    if not getattr(teacher, "feature_names", None):
+        raise ConfigError(f"{type(teacher).__name__} is not a zoo model: set method.options.teacher_layer")
+    if which == "postact":
+        return teacher.prepool_name
+    pre = teacher.get_submodule(teacher.prepool_name)
+    if isinstance(getattr(pre, "relu", None), nn.ReLU) and any(isinstance(m, nn.Conv2d) for m in pre.modules()):
+        return f"{teacher.prepool_name}.relu:input"
+    return preact_stage_names(teacher, input_shape, "teacher_layer")[-1]
+
+
+def _last_block(model: nn.Module) -> str | None:
+    names = getattr(model, "feature_names", None)
+    return f"{names[-1]}.{len(model.get_submodule(names[-1])) - 1}" if names else None
+
+
+def _common_size(student: torch.Tensor, teacher: torch.Tensor, mode: str) -> tuple[int, int]:
+    pick = min if mode == "pool" else max
+    return pick(student.shape[-2], teacher.shape[-2]), pick(student.shape[-1], teacher.shape[-1])

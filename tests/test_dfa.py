@@ -1,0 +1,335 @@
+"""DFA (spec shared/methods/dfa.md §9): aggregation, bridge loss, search steps and split, stage-2 weights, CLI."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from distillab import methods, models
+from distillab.bench.suite import load_suite
+from distillab.cli import main
+from distillab.config import load_config
+from distillab.data import ImageDataset
+from distillab.engine.checkpoint import CHECKPOINT_FILE, STUDENT_FILE, load_checkpoint, save_safetensors
+from distillab.errors import ConfigError
+from distillab.features import FeatureTap
+from distillab.methods.base import validate_options
+from distillab.methods.dfa import DFA, DFASearchOptions, aggregate, block_outputs
+from distillab.search.dfa import BridgeSearch, run_search, split_halves, unit_distance
+
+SHAPE = (1, 16, 16)  # stages at 16, 8 and 4 pixels
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted([*(ROOT / "configs/cifar100/dfa").glob("[!_]*.yaml"),
+                  *(ROOT / "configs/fashion_mnist").glob("dfa*.yaml")])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is as fast and does not fight the other jobs on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def nets(seed=0):
+    """A resnet14 teacher (2 blocks per stage: 2 candidates per group) and a resnet8 student."""
+    torch.manual_seed(seed)
+    teacher = models.build("resnet14", num_classes=10, in_channels=1)
+    torch.manual_seed(seed + 1)
+    return teacher, models.build("resnet8", num_classes=10, in_channels=1)
+
+
+def searcher(**options):
+    teacher, student = nets()
+    torch.manual_seed(2)
+    return BridgeSearch(student, teacher, DFASearchOptions(**options), SHAPE)
+
+
+def batch(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *SHAPE, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def changed(before, after):
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+# ------------------------------------------------------------------------------------------ aggregation
+def test_alpha_is_a_softmax_per_group_uniform_at_beta_zero():
+    search = searcher()
+    assert [a.tolist() for a in search.alphas()] == [[0.5, 0.5]] * 3
+    with torch.no_grad():
+        search.betas[1].copy_(torch.tensor([0.0, math.log(3.0)]))
+    assert torch.allclose(search.alphas()[1], torch.tensor([0.25, 0.75]))
+    assert all(math.isclose(a.sum().item(), 1.0, rel_tol=1e-6) for a in search.alphas())
+
+
+def test_aggregate_is_the_weighted_sum_of_the_maps():
+    maps = [torch.full((1, 2, 2, 2), v) for v in (1.0, 2.0, 4.0)]
+    out = aggregate(maps, torch.tensor([0.5, 0.25, 0.25]))
+    assert torch.equal(out, torch.full((1, 2, 2, 2), 0.5 + 0.5 + 1.0))
+
+
+def test_candidates_are_the_block_outputs_of_each_stage_without_the_stem():
+    teacher = models.build("wrn_28_4", num_classes=100)
+    student = models.build("wrn_16_2", num_classes=100)
+    method = methods.build("dfa", student, teacher, mode="average", gamma_fd=1.0)
+    assert method.groups.names == [[f"stages.{i}.{j}" for j in range(4)] for i in range(3)]  # N_i^T = 4
+    assert method.groups.teacher_channels == [64, 128, 256] and method.groups.student_channels == [32, 64, 128]
+
+
+def test_ablation_weights():
+    teacher, student = nets()
+    average = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="average", gamma_fd=1.0)
+    assert [a.tolist() for a in average.alphas] == [[0.5, 0.5]] * 3
+    last = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="last", gamma_fd=1.0)
+    assert [a.tolist() for a in last.alphas] == [[0.0, 1.0]] * 3
+    draws = [[a.tolist() for a in methods.build("dfa", student, teacher, input_shape=SHAPE, mode="random",
+                                                random_seed=seed, gamma_fd=1.0).alphas] for seed in (0, 0, 1)]
+    assert draws[0] == draws[1] != draws[2]
+    assert all(math.isclose(sum(a), 1.0, rel_tol=1e-6) and min(a) > 0 and a != [0.5, 0.5] for a in draws[0])
+
+
+def test_last_mode_is_plain_feature_distillation_exactly():
+    teacher, student = nets()
+    method = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="last", gamma_fd=3.0).eval()
+    x, y = batch()
+    logits, terms = method(x, y)
+    with torch.no_grad(), FeatureTap(teacher, teacher.feature_names) as t_tap, \
+            FeatureTap(student, student.feature_names) as s_tap:
+        teacher(x)
+        expected_logits = student(x)
+        expected = sum(F.mse_loss(c(s), t) for c, s, t in zip(method.connectors, s_tap.values(), t_tap.values(),
+                                                               strict=True))  # Eq. 1, stage outputs
+    assert torch.equal(terms["fd"].detach(), 3.0 * expected)
+    assert torch.equal(terms["ce"].detach(), F.cross_entropy(expected_logits, y))
+    assert torch.equal(logits.detach(), expected_logits)
+
+
+def test_block_helpers_agree_with_forward_from():
+    _, student = nets()
+    student.eval()
+    x, _ = batch(4)
+    with torch.no_grad():
+        full = student(x)
+        for i in range(len(student.stages)):
+            assert torch.allclose(student.forward_from(i + 1, block_outputs(student, x, i)[1]), full, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------ bridge loss
+def test_st_loss_is_the_mean_of_two_minus_two_cos():
+    s = torch.tensor([[1.0, 0.0], [3.0, 4.0], [1.0, 0.0]]).view(3, 2, 1, 1)
+    a = torch.tensor([[0.0, 1.0], [6.0, 8.0], [-1.0, 0.0]]).view(3, 2, 1, 1)
+    assert math.isclose(unit_distance(s, a).item(), (2.0 + 0.0 + 4.0) / 3, rel_tol=1e-6)  # cos 0, 1, -1
+    g = torch.Generator().manual_seed(0)
+    s, a = torch.randn(5, 3, 4, 4, generator=g), torch.randn(5, 3, 4, 4, generator=g)
+    cos = F.cosine_similarity(s.flatten(1), a.flatten(1), dim=1)
+    assert math.isclose(unit_distance(s, a).item(), (2 - 2 * cos).mean().item(), rel_tol=1e-5)
+    assert math.isclose(unit_distance(7.0 * s, 0.01 * a).item(), unit_distance(s, a).item(), rel_tol=1e-5)
+    assert 0.0 <= unit_distance(s, -s).item() <= 4.0 + 1e-6 and math.isclose(unit_distance(s, -s).item(), 4.0)
+
+
+@pytest.mark.parametrize("group", [0, 1, 2])
+def test_ts_path_reaches_beta_ts_and_the_later_student_stages_only(group):
+    search = searcher()
+    x, y = batch()
+    search.bridge_terms(group, x, y)["ts"].backward()
+    assert search.betas[group].grad.abs().sum() > 0 and search.ts[group].weight.grad.abs().sum() > 0
+    student = search.student
+    later = [*student.stages[group + 1 :].parameters(), *student.head.parameters()]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in later)
+    earlier = [*student.stem.parameters(), *student.stages[: group + 1].parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in earlier)
+    assert all(p.grad is None for p in search.teacher.parameters())
+    assert all(p.grad is None for p in search.st.parameters())
+
+
+def test_st_path_reaches_beta_st_and_the_student_up_to_the_group():
+    search = searcher()
+    x, y = batch()
+    search.bridge_terms(1, x, y)["st"].backward()
+    assert search.betas[1].grad.abs().sum() > 0 and search.st[1].weight.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in search.student.stages[1].parameters())
+    assert all(p.grad is None for p in search.student.stages[2].parameters())
+    assert all(p.grad is None for p in search.teacher.parameters())
+
+
+# ------------------------------------------------------------------------------------------ search steps
+def test_beta_step_changes_only_beta_i():
+    search = searcher()
+    before = state(search)
+    search.start_group(1)
+    search.beta_step(*batch())
+    assert changed(before, state(search)) == {"betas.1"}  # student weights and BN statistics included
+
+
+def test_w_step_trains_student_and_group_connectors_never_beta_or_teacher():
+    search = searcher(add_student_ce=True)
+    before = state(search)
+    search.start_group(1)
+    search.w_step(*batch())
+    diff = changed(before, state(search))
+    assert not any(k.startswith(("betas.", "teacher.", "ts.0", "ts.2", "st.0", "st.2")) for k in diff)
+    assert {"ts.1.weight", "st.1.weight", "student.stem.conv.weight", "student.head.fc.weight"} <= diff
+    assert not any(p.requires_grad for p in search.teacher.parameters())
+
+
+def indexed_dataset(n=40):
+    """Images whose pixels all hold their own index, so a batch tells which images it holds."""
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, *SHAPE).contiguous()
+    return ImageDataset(images, torch.arange(n) % 10, 10, (0.0,), (1.0,), "indexed")
+
+
+def test_search_alternates_the_halves_group_after_group():
+    search = searcher(epochs_per_group=1.0, split_seed=3)
+    calls = []
+
+    def spy(kind, step):
+        def record(images, labels):
+            betas = [b.detach().clone() for b in search.betas]
+            calls.append((kind, search.group, set((images[:, 0, 0, 0] * 255).round().long().tolist()), betas))
+            return step(images, labels)
+        return record
+
+    search.beta_step, search.w_step = spy("beta", search.beta_step), spy("w", search.w_step)
+    results = run_search(search, indexed_dataset(), batch_size=4, seed=0, progress=False)
+    w_half, beta_half = (set(h.tolist()) for h in split_halves(40, 3))
+    steps = 5  # one pass over the 20 images of D_w, 4 at a time
+    assert [r.steps for r in results] == [steps] * 3
+    assert [(kind, group) for kind, group, _, _ in calls] == [
+        (kind, group) for group in range(3) for _ in range(steps) for kind in ("beta", "w")]
+    for kind, group, seen, betas in calls:
+        assert seen <= (beta_half if kind == "beta" else w_half)
+        for j in range(3):
+            if j != group:  # the other groups stay where their own search left them
+                assert torch.equal(betas[j], search.betas[j].detach() if j < group else torch.zeros(2))
+    assert set().union(*(seen for kind, group, seen, _ in calls if kind == "w" and group == 0)) == w_half
+    assert [r.weights for r in results] == [a.tolist() for a in search.alphas()]
+
+
+def test_split_is_disjoint_deterministic_and_half_and_half():
+    w, beta = split_halves(50_000, 0)
+    assert len(w) == len(beta) == 25_000
+    assert torch.equal(torch.cat([w, beta]).sort().values, torch.arange(50_000))
+    again, _ = split_halves(50_000, 0)
+    other, _ = split_halves(50_000, 1)
+    assert torch.equal(w, again) and not torch.equal(w, other)
+    assert [len(h) for h in split_halves(11, 0)] == [5, 6]
+
+
+# ------------------------------------------------------------------------------------------ stage 2
+def write_aggregation(path, weights):
+    path.write_text(json.dumps({"groups": [{"weights": w} for w in weights]}))
+    return path
+
+
+def test_searched_weights_are_fixed_buffers_kept_in_the_state_dict(tmp_path):
+    teacher, student = nets()
+    weights = [[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]
+    method = methods.build("dfa", student, teacher, input_shape=SHAPE, gamma_fd=1.0,
+                           weights=write_aggregation(tmp_path / "aggregation.json", weights))
+    assert torch.allclose(torch.stack(method.alphas), torch.tensor(weights))
+    assert not any(name.startswith("alpha") for name, _ in method.named_parameters())
+    assert {f"alpha_{i}" for i in range(3)} <= set(method.trainable_state_dict())
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=1.0)
+    sum(method(*batch())[1].values()).backward()
+    optimizer.step()
+    assert torch.allclose(torch.stack(method.alphas), torch.tensor(weights))
+    assert all(not a.requires_grad and a.grad is None for a in method.alphas)
+
+
+def test_deployed_student_is_the_plain_student():
+    teacher, student = nets()
+    method = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="average", gamma_fd=1.0)
+    plain = nets()[1]
+    assert method.deploy_student() is student
+    assert set(student.state_dict()) == set(plain.state_dict())
+    assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in plain.parameters())
+    assert method.side_parameter_count() > 0
+
+
+def test_errors_name_the_option(tmp_path):
+    teacher, student = nets()
+
+    def build(**options):
+        return methods.build("dfa", student, teacher, input_shape=SHAPE, **options)
+
+    with pytest.raises(ConfigError, match=r"method\.options\.gamma_fd is required"):
+        build(mode="last")
+    with pytest.raises(ConfigError, match=r"method\.options\.weights is not set"):
+        build(gamma_fd=1.0)
+    with pytest.raises(ConfigError, match=r"method\.options\.weights: .*does not exist"):
+        build(gamma_fd=1.0, weights=tmp_path / "nothing.json")
+    with pytest.raises(ConfigError, match=r"groups of \[2, 3\] weights but this teacher has \[2, 2, 2\]"):
+        build(gamma_fd=1.0, weights=write_aggregation(tmp_path / "a.json", [[0.5, 0.5], [0.2, 0.3, 0.5]]))
+    with pytest.raises(ConfigError, match=r"method\.options\.search\.epochs_per_grop: unknown key; did you mean"):
+        build(gamma_fd=1.0, mode="last", search={"epochs_per_grop": 2})
+    with pytest.raises(ConfigError, match="same resolutions"):
+        methods.build("dfa", models.build("vgg8", num_classes=10, in_channels=1), teacher, input_shape=SHAPE,
+                      mode="last", gamma_fd=1.0)
+
+
+# ------------------------------------------------------------------------------------------ CLI, end to end
+def test_search_then_distil_through_the_cli(tmp_path, capsys):
+    teacher, _ = nets()
+    save_safetensors(teacher, tmp_path / "teacher.safetensors")  # an untrained teacher: the pipeline is tested
+    config = tmp_path / "dfa.yaml"
+    config.write_text(
+        f"output_dir: {tmp_path / 'runs'}\nname: search\n"
+        "data: {name: digits, val_size: 200, train_subset: 400, augment: {crop_padding: 1, flip: false}}\n"
+        f"teacher: {{name: resnet14, checkpoint: {tmp_path / 'teacher.safetensors'}}}\n"
+        "student: {name: resnet8}\n"
+        "method: {name: dfa, options: {gamma_fd: 1.0, search: {epochs_per_group: 1, beta_lr: 0.01}}}\n"
+        "train: {epochs: 1, batch_size: 50, progress: false}\n")
+    assert main(["search", str(config)]) == 0
+    run = tmp_path / "runs" / "search"
+    record = json.loads((run / "aggregation.json").read_text())
+    assert (run / "aggregation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "config.yaml").is_file()
+    assert (record["teacher"], record["student"], record["seed"], record["steps_per_group"]) == (
+        "resnet14", "resnet8", 0, 4)  # 200 images in D_w, 50 at a time
+    assert record["search_wall_time_s"] > 0
+    assert [g["names"] for g in record["groups"]] == [[f"stages.{i}.0", f"stages.{i}.1"] for i in range(3)]
+    assert all(math.isclose(sum(g["weights"]), 1.0, rel_tol=1e-6) for g in record["groups"])
+    assert all(g["weights"] != [0.5, 0.5] for g in record["groups"])  # beta moved
+
+    capsys.readouterr()
+    assert main(["search", str(config)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["search", str(config), "--set", "method.name=kd"]) == 2
+    assert "has no search stage" in capsys.readouterr().err
+
+    assert main(["train", str(config), "--set", "name=distil",
+                 "--set", f"method.options.weights={run / 'aggregation.json'}"]) == 0
+    distil = tmp_path / "runs" / "distil"
+    saved = load_checkpoint(distil / CHECKPOINT_FILE)["method"]
+    for i, group in enumerate(record["groups"]):
+        assert saved[f"alpha_{i}"].tolist() == pytest.approx(group["weights"])
+    plain = models.build("resnet8", num_classes=10, in_channels=1)
+    assert set(load_file(distil / STUDENT_FILE)) == set(plain.state_dict())
+
+
+# ------------------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_configs_validate(path):
+    cfg = load_config(path)
+    if cfg.method.name == "dfa":
+        opts = validate_options(DFA, cfg.method.options)
+        assert opts.gamma_fd is not None or path.name.startswith(("search", "dfa_search"))
+
+
+def test_suite_compares_ce_fitnet_and_the_four_weightings():
+    suite = load_suite(ROOT / "suites/fashion_mnist_dfa.yaml")
+    assert list(suite.runs) == ["ce", "fitnet", "dfa_searched", "dfa_last", "dfa_average", "dfa_random"]
+    for label in ("searched", "last", "average", "random"):
+        cfg = load_config(ROOT / suite.runs[f"dfa_{label}"].config)
+        assert cfg.method.options["mode"] == label

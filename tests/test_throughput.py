@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from distillab.bench.throughput import ThroughputSpec, measure, parse_shape
+from distillab.cli import main
+from distillab.errors import ConfigError
+
+
+def _tiny(**kw) -> ThroughputSpec:
+    return ThroughputSpec(teacher="resnet8", student="resnet8", methods=["kd", "fitnet"], input_shape=(1, 8, 8),
+                          num_classes=10, batch=8, warmup=1, steps=2, repeats=2, **kw)
+
+
+def test_throughput_reports_every_method_against_the_bound():
+    result = measure(_tiny())
+    bound = result["bound"]
+    for part in ("before", "after"):
+        student, teacher = bound[part]["student_step"]["images_per_s"], bound[part]["teacher_forward"]["images_per_s"]
+        # the bound is the harmonic combination: seconds per image of a student step plus a teacher forward
+        assert bound[part]["images_per_s"] == pytest.approx(1 / (1 / student + 1 / teacher))
+        assert bound[part]["images_per_s"] < min(student, teacher)
+    mean = (bound["before"]["images_per_s"] + bound["after"]["images_per_s"]) / 2
+    assert bound["images_per_s"] == pytest.approx(mean)
+    # counted FLOPs (convolutions and matmuls): KD's loss adds none, so kd = student step + teacher forward,
+    # and FitNet's regressor adds some
+    parts = bound["before"]
+    kd, fitnet = result["methods"]["kd"]["gflops_per_image"], result["methods"]["fitnet"]["gflops_per_image"]
+    assert kd == pytest.approx(parts["student_step"]["gflops_per_image"] + parts["teacher_forward"]["gflops_per_image"])
+    assert fitnet > kd > 0
+    assert list(result["methods"]) == ["kd", "fitnet"]
+    for name, row in result["methods"].items():
+        assert len(row["all_images_per_s"]) == 2 and row["images_per_s"] > 0
+        assert row["ratio_to_bound"] == pytest.approx(row["images_per_s"] / bound["images_per_s"])
+        assert (row["side_params"] > 0) == (name == "fitnet")
+        assert row["peak_memory_mb"] is None  # CPU: not measured
+    assert result["environment"]["threads"] >= 1 and result["spec"]["input_shape"] == [1, 8, 8]
+
+
+def test_throughput_command_writes_json(tmp_path, capsys):
+    out = tmp_path / "tp.json"
+    code = main(["bench", "throughput", "--teacher", "resnet8", "--student", "resnet8", "--methods", "ce,dkd",
+                 "--input", "1x8x8", "--num-classes", "10", "--batch", "8", "--warmup", "1", "--steps", "1",
+                 "--repeats", "1", "--option", "dkd.beta=2", "--output", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert list(result["methods"]) == ["ce", "dkd"] and result["spec"]["options"] == {"dkd": {"beta": 2}}
+    assert "x bound" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--methods", "kd,nosuch"], "unknown method"),
+    (["--input", "32x32"], "expected CxHxW"),
+    (["--batch", "0"], "--batch must be at least 1"),
+    (["--option", "kd=3"], "expected METHOD.KEY=VALUE"),
+])
+def test_throughput_bad_arguments_are_one_line_errors(argv, message, capsys):
+    code = main(["bench", "throughput", "--teacher", "resnet8", "--student", "resnet8", "--input", "1x8x8", *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_parse_shape():
+    assert parse_shape("3x32x32") == (3, 32, 32)
+    with pytest.raises(ConfigError):
+        parse_shape("3x0x32")
