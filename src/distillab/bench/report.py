@@ -10,7 +10,6 @@ import yaml
 from rich.table import Table
 
 from distillab.bench.plots import curves_of, plot_curves, read_metrics
-from distillab.engine.trainer import SUMMARY_FILE
 from distillab.errors import DistillabError
 from distillab.run import CONFIG_FILE
 
@@ -18,12 +17,11 @@ _SEED_SUFFIX = re.compile(r"_s\d+$")
 
 
 def describe_run(run_dir: Path) -> dict[str, Any]:
-    """What a run directory says about itself: config, per-epoch records, summary when finished."""
+    """What a run directory says about itself: its config and per-epoch records."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise DistillabError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
-    summary_path = run_dir / SUMMARY_FILE
     return {
         "run": run_dir.name,
         "dir": run_dir,
@@ -32,7 +30,6 @@ def describe_run(run_dir: Path) -> dict[str, Any]:
         "student": cfg.get("student", {}).get("name", "?"),
         "epochs": cfg.get("train", {}).get("epochs"),
         "records": read_metrics(run_dir),
-        "finished": summary_path.is_file(),
     }
 
 

@@ -137,7 +137,7 @@ def _teacher_rate(spec: ThroughputSpec, data: DataSplits, cfg: TrainConfig) -> d
     trainer.loader.set_epoch(0)
 
     def forward(batch: Sequence[torch.Tensor]) -> None:
-        with torch.no_grad(), trainer._autocast():
+        with torch.no_grad(), trainer.autocast():
             teacher(batch[0])
 
     return {**_rate(trainer.device, _batches(trainer, spec), spec.warmup, forward, count_flops=True), "side_params": 0}

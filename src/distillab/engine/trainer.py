@@ -350,7 +350,7 @@ class Trainer:
         """One optimisation step on `batch` at learning rate `lr`; returns the logits and the loss terms."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with self._autocast():
+        with self.autocast():
             logits, terms = self.step_fn(*batch)
         loss = sum(terms.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -362,7 +362,8 @@ class Trainer:
         self.scaler.update()
         return logits, terms
 
-    def _autocast(self):
+    def autocast(self):
+        """The run's autocast context (a no-op without AMP)."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
     def _log_step(self, log, epoch: int, step: int, lr: float, terms: dict[str, torch.Tensor], n: int) -> None:

@@ -10,10 +10,10 @@ L = ce_weight * CE + pkt_weight * loss. CIFAR-100: pkt_weight 30000, CE 1 (RepDi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.base import MethodOptions, register
+from distillab.methods.layer_pair import LayerPairMethod
 from distillab.methods.zoo_taps import pooled_name
 
 _EPS = 1e-7
@@ -40,19 +40,12 @@ class PKTOptions(MethodOptions):
 
 
 @register("pkt")
-class PKT(Method):
+class PKT(LayerPairMethod):
     Options = PKTOptions
 
-    def __init__(self, student, teacher=None, **options) -> None:
-        super().__init__(student, teacher, **options)
-        self.student_tap = self.tap(student, [self.opts.student_layer or pooled_name(student, "student_layer")])
-        self.teacher_tap = self.tap(teacher, [self.opts.teacher_layer or pooled_name(teacher, "teacher_layer")])
+    @staticmethod
+    def default_layer(model, option: str) -> str:
+        return pooled_name(model, option)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits = self.student(images)
-        self.teacher_forward(images)
-        (f_s,), (f_t,) = self.student_tap.take(), self.teacher_tap.take()
-        return logits, {
-            "ce": self.opts.ce_weight * F.cross_entropy(logits, labels),
-            "pkt": self.opts.pkt_weight * pkt_loss(f_s, f_t),
-        }
+    def feature_terms(self, f_s: torch.Tensor, f_t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pkt": self.opts.pkt_weight * pkt_loss(f_s, f_t)}

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.base import MethodOptions, register
+from distillab.methods.layer_pair import LayerPairMethod
 from distillab.methods.zoo_taps import pooled_name
 
 
@@ -52,22 +53,14 @@ class RKDOptions(MethodOptions):
 
 
 @register("rkd")
-class RKD(Method):
+class RKD(LayerPairMethod):
     Options = RKDOptions
 
-    def __init__(self, student, teacher=None, **options) -> None:
-        super().__init__(student, teacher, **options)
-        self.student_tap = self.tap(student, [self.opts.student_layer or pooled_name(student, "student_layer")])
-        self.teacher_tap = self.tap(teacher, [self.opts.teacher_layer or pooled_name(teacher, "teacher_layer")])
+    @staticmethod
+    def default_layer(model, option: str) -> str:
+        return pooled_name(model, option)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits = self.student(images)
-        self.teacher_forward(images)
-        (f_s,), (f_t,) = self.student_tap.take(), self.teacher_tap.take()
+    def feature_terms(self, f_s: torch.Tensor, f_t: torch.Tensor) -> dict[str, torch.Tensor]:
         distance, angle = rkd_terms(f_s, f_t)
         o = self.opts
-        return logits, {
-            "ce": o.ce_weight * F.cross_entropy(logits, labels),
-            "distance": o.rkd_weight * o.distance_weight * distance,
-            "angle": o.rkd_weight * o.angle_weight * angle,
-        }
+        return {"distance": o.rkd_weight * o.distance_weight * distance, "angle": o.rkd_weight * o.angle_weight * angle}

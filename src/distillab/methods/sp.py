@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.base import MethodOptions, register
+from distillab.methods.layer_pair import LayerPairMethod
 from distillab.methods.zoo_taps import stage_names
 
 
@@ -34,19 +35,12 @@ class SPOptions(MethodOptions):
 
 
 @register("sp")
-class SP(Method):
+class SP(LayerPairMethod):
     Options = SPOptions
 
-    def __init__(self, student, teacher=None, **options) -> None:
-        super().__init__(student, teacher, **options)
-        self.student_tap = self.tap(student, [self.opts.student_layer or stage_names(student, "student_layer")[-1]])
-        self.teacher_tap = self.tap(teacher, [self.opts.teacher_layer or stage_names(teacher, "teacher_layer")[-1]])
+    @staticmethod
+    def default_layer(model, option: str) -> str:
+        return stage_names(model, option)[-1]
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor):
-        logits = self.student(images)
-        self.teacher_forward(images)
-        (f_s,), (f_t,) = self.student_tap.take(), self.teacher_tap.take()
-        return logits, {
-            "ce": self.opts.ce_weight * F.cross_entropy(logits, labels),
-            "sp": self.opts.sp_weight * sp_loss(f_s, f_t),
-        }
+    def feature_terms(self, f_s: torch.Tensor, f_t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sp": self.opts.sp_weight * sp_loss(f_s, f_t)}
