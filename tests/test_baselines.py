@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 
 from distillab import methods, models
 from distillab.config import load_config
@@ -24,7 +25,7 @@ from distillab.methods.dist import dist_loss, dist_terms, pearson_rows
 from distillab.methods.dkd import dkd_loss, dkd_terms, warmup_factor
 from distillab.methods.kd import kd_loss
 from distillab.methods.pkt import pkt_loss
-from distillab.methods.reviewkd import hcl_level
+from distillab.methods.reviewkd import gated_sum, hcl_level
 from distillab.methods.rkd import rkd_terms
 from distillab.methods.sp import sp_loss
 from distillab.methods.vid import VIDRegressor
@@ -317,6 +318,22 @@ def test_reviewkd_predictions_match_the_teacher_levels_on_the_cifar_pairs(path):
         t.shape[1:] if t.dim() == 4 else (t.shape[1], 1, 1) for t in targets]
     gates = [abf.gate is not None for abf in method.abfs]
     assert gates == [True] * (len(gates) - 1) + [False]  # the pooled (deepest) level has no gate
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gated_sum_equals_the_sigmoid_gate_on_the_concatenation(bias):
+    torch.manual_seed(0)
+    gate = nn.Conv2d(10, 2, 1, bias=bias)
+    x = torch.randn(3, 5, 4, 6, requires_grad=True)
+    other = torch.randn(3, 5, 4, 6, requires_grad=True)
+    g = torch.sigmoid(gate(torch.cat([x, other], dim=1)))
+    expected = x * g[:, :1] + other * g[:, 1:]
+    got = gated_sum(gate, x, other)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got.square().sum(), [x, other, gate.weight])
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, other, gate.weight])
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_reviewkd_channels_for_resnet32x4_to_resnet8x4_follow_mdistiller():

@@ -329,7 +329,10 @@ def test_configs_validate(path):
 
 def test_suite_compares_ce_fitnet_and_the_four_weightings():
     suite = load_suite(ROOT / "suites/fashion_mnist_dfa.yaml")
-    assert list(suite.runs) == ["ce", "fitnet", "dfa_searched", "dfa_last", "dfa_average", "dfa_random"]
+    assert list(suite.runs) == ["ce", "fitnet", "dfa_searched", "dfa_searched_long", "dfa_last", "dfa_average",
+                                "dfa_random"]
     for label in ("searched", "last", "average", "random"):
         cfg = load_config(ROOT / suite.runs[f"dfa_{label}"].config)
         assert cfg.method.options["mode"] == label
+    long = load_config(ROOT / suite.runs["dfa_searched_long"].config).method.options
+    assert long["mode"] == "searched" and long["weights"].endswith("dfa_search_long/aggregation.json")

@@ -28,6 +28,7 @@ from distillab.engine.checkpoint import (
     save_checkpoint,
     save_safetensors,
 )
+from distillab.engine.cpu_memory import keep_freed_memory
 from distillab.engine.distributed import World, all_reduce_sum, barrier, broadcast_flag, init_world, local_device
 from distillab.engine.evaluate import eval_loader, evaluate_sums
 from distillab.engine.schedule import learning_rate
@@ -94,6 +95,8 @@ class Trainer:
         device = resolve_device(self.cfg.device)
         self.world: World = init_world(device)
         self.device = local_device(device, self.world)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.amp_dtype = autocast_dtype(self.cfg.amp, self.device)
         local_batch = self._check_batch(len(data.train))
         if self.world.distributed and not method.distributed_ok:

@@ -25,6 +25,7 @@ from distillab.errors import ConfigError
 from distillab.methods.base import Method, MethodOptions, register
 from distillab.methods.dkd import dkd_loss
 from distillab.methods.kd import kd_loss
+from distillab.methods.reviewkd import gated_sum
 from distillab.models.wrn import PreActBlock
 
 MAX_MID_CHANNELS = 512
@@ -54,15 +55,13 @@ class FusionBlock(nn.Module):
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int | None, fuse: bool, act: str) -> None:
         super().__init__()
         self.adjust = _conv_act(in_channels, mid_channels, 1, act)
-        self.gate = nn.Sequential(nn.Conv2d(2 * mid_channels, 2, 1), nn.Sigmoid()) if fuse else None
+        self.gate = nn.Conv2d(2 * mid_channels, 2, 1) if fuse else None
         self.project = _conv_act(mid_channels, out_channels, 3, act) if out_channels is not None else None
 
     def mix(self, x: torch.Tensor, above: torch.Tensor | None) -> torch.Tensor:
         a = self.adjust(x)
         if self.gate is not None:
-            up = F.interpolate(above, size=a.shape[-2:], mode="nearest")
-            g = self.gate(torch.cat([a, up], dim=1))
-            a = a * g[:, 0:1] + up * g[:, 1:2]
+            a = gated_sum(self.gate, a, F.interpolate(above, size=a.shape[-2:], mode="nearest"))
         return a
 
     def output(self, a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
