@@ -1,8 +1,9 @@
 import json
+from dataclasses import replace
 
 import pytest
 
-from distillab.bench.throughput import ThroughputSpec, measure, parse_shape
+from distillab.bench.throughput import ThroughputSpec, default_output, measure, parse_shape
 from distillab.cli import main
 from distillab.errors import ConfigError
 
@@ -65,3 +66,10 @@ def test_parse_shape():
     assert parse_shape("3x32x32") == (3, 32, 32)
     with pytest.raises(ConfigError):
         parse_shape("3x0x32")
+
+
+def test_default_output_names_what_differs_from_training_defaults():
+    spec = ThroughputSpec(teacher="resnet32x4", student="resnet8x4", methods=["kd"])
+    assert default_output(spec).name == "resnet32x4_resnet8x4_3x32x32_b64_cpu_auto.json"
+    other = replace(spec, compile=True, channels_last=False, amp="off", batch=256)
+    assert default_output(other).name == "resnet32x4_resnet8x4_3x32x32_b256_cpu_off_compile_nchw.json"

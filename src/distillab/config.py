@@ -109,7 +109,7 @@ class TrainConfig(StrictModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
     compile: bool = Field(False, description="torch.compile the method")
-    channels_last: bool = Field(False, description="channels-last memory format (helps on GPU)")
+    channels_last: bool = Field(True, description="channels-last memory format (faster on the 2-core CPU too)")
     deterministic: bool = Field(False, description="deterministic algorithms (slower on GPU)")
     tensorboard: bool = False
     progress: bool = Field(True, description="rich progress bar")

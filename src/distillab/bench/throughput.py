@@ -45,7 +45,7 @@ class ThroughputSpec:
     device: str = "cpu"
     amp: str = "auto"
     compile: bool = False
-    channels_last: bool = False
+    channels_last: bool = True
     warmup: int = 3
     steps: int = 10
     repeats: int = 3
@@ -211,7 +211,7 @@ def results_table(result: dict[str, Any]) -> Table:
 
 def default_output(spec: ThroughputSpec) -> Path:
     shape = "x".join(map(str, spec.input_shape))
-    extra = ("_compile" if spec.compile else "") + ("_cl" if spec.channels_last else "")
+    extra = ("_compile" if spec.compile else "") + ("" if spec.channels_last else "_nchw")
     device = resolve_device(spec.device).type
     return Path("results/throughput") / (f"{spec.teacher}_{spec.student}_{shape}_b{spec.batch}_{device}"
                                          f"_{spec.amp}{extra}.json")
