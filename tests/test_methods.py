@@ -91,6 +91,20 @@ def test_fitnet_hint_on_stage_two_reaches_regressor_not_teacher(pair):
     assert method.side_parameter_count() == sum(p.numel() for p in method.regressor.parameters())
 
 
+def test_close_unhooks_the_deployed_student(pair):
+    teacher, student = pair
+    method = methods.build("fitnet", student, teacher, input_shape=(1, 28, 28))
+    method(*batch())
+    hooked = [m for m in [*student.modules(), *teacher.modules()] if m._forward_hooks]
+    assert hooked  # the hint taps
+    method.close()
+    assert not any(m._forward_hooks for m in hooked)
+    deployed = method.deploy_student()
+    with torch.no_grad():
+        deployed(batch()[0])
+    assert all(not tap._values for tap in method._taps)  # nothing recorded any more
+
+
 def test_fitnet_hint_equals_weighted_mse_of_regressed_student_feature(pair):
     teacher, student = pair
     method = methods.build("fitnet", student, teacher, input_shape=(1, 28, 28), hint_weight=2.0).eval()

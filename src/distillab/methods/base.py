@@ -74,8 +74,15 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def deploy_student(self) -> nn.Module:
-        """The network a user ships (plain student unless a method re-parameterises it)."""
+        """The network a user ships (plain student unless a method re-parameterises it). While the method
+        lives, its feature taps stay hooked on the student: call `close()` first to use the student alone."""
         return self.student
+
+    def close(self) -> None:
+        """Remove the method's feature-tap hooks from the student and teacher (training is over)."""
+        for tap in self._taps:
+            tap.close()
+            tap.clear()
 
     def bind_train_set(self, train_labels: torch.Tensor) -> None:
         """Called by the trainer before training when `needs_indices`: the labels of the whole training set."""
