@@ -46,7 +46,12 @@ def test_throughput_command_writes_json(tmp_path, capsys):
     assert code == 0
     result = json.loads(out.read_text())
     assert list(result["methods"]) == ["ce", "dkd"] and result["spec"]["options"] == {"dkd": {"beta": 2}}
+    assert result["spec"]["channels_last"] is True  # training's default
     assert "x bound" in capsys.readouterr().out
+    assert main(["bench", "throughput", "--teacher", "resnet8", "--student", "resnet8", "--methods", "ce",
+                 "--input", "1x8x8", "--num-classes", "10", "--batch", "8", "--warmup", "1", "--steps", "1",
+                 "--repeats", "1", "--no-channels-last", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["spec"]["channels_last"] is False
 
 
 @pytest.mark.parametrize("argv, message", [

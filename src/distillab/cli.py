@@ -97,8 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile each method (warm-up pays compilation)")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                   help="channels-last memory format, as training uses by default")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
+                   help="channels-last memory format (default: as train.channels_last defaults)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements per method (the median is reported)")
@@ -242,8 +242,9 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     spec = ThroughputSpec(teacher=args.teacher, student=args.student, methods=names,
                           input_shape=parse_shape(args.input), num_classes=args.num_classes, batch=args.batch,
                           device=args.device, amp=args.amp, compile=args.compile,
-                          channels_last=args.channels_last, warmup=args.warmup, steps=args.steps,
-                          repeats=args.repeats, options=options)
+                          warmup=args.warmup, steps=args.steps, repeats=args.repeats, options=options)
+    if args.channels_last is not None:
+        spec.channels_last = args.channels_last
     console = Console()
     result = measure(spec, console)
     output = args.output or default_output(spec)

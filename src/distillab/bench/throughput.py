@@ -45,7 +45,7 @@ class ThroughputSpec:
     device: str = "cpu"
     amp: str = "auto"
     compile: bool = False
-    channels_last: bool = True
+    channels_last: bool = TrainConfig.model_fields["channels_last"].default  # as training runs
     warmup: int = 3
     steps: int = 10
     repeats: int = 3
