@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distillab.errors import ConfigError
 
@@ -132,8 +132,30 @@ class TrainConfig(StrictModel):
         return self
 
 
+MAX_RUN_NAME_BYTES = 200
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one directory name inside `output_dir`: no separators, not `.`/`..`, bounded length."""
+    problem = None
+    if not name.strip():
+        problem = "is empty"
+    elif name in (".", ".."):
+        problem = "names a directory outside the run"
+    elif "/" in name or "\\" in name:
+        problem = "contains a path separator"
+    elif any(ord(c) < 32 for c in name):
+        problem = "contains a control character"
+    elif len(name.encode()) > MAX_RUN_NAME_BYTES:
+        problem = f"is longer than {MAX_RUN_NAME_BYTES} bytes"
+    if problem:
+        raise ValueError(f"run name {name!r} {problem}: a run name is one directory name inside output_dir")
+    return name
+
+
 class RunConfig(StrictModel):
-    name: str | None = Field(None, description="run directory name; default <method>_<student>_<data>_s<seed>")
+    name: str | None = Field(None, description="run directory name (one path component); "
+                             "default <method>_<student>_<data>_s<seed>")
     output_dir: Path = Path("runs")
     seed: int = 0
     data: DataConfig = Field(default_factory=DataConfig)
@@ -141,6 +163,16 @@ class RunConfig(StrictModel):
     student: ModelConfig
     method: MethodConfig = Field(default_factory=MethodConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_one_component(cls, name: str | None) -> str | None:
+        return None if name is None else check_run_name(name)
+
+    @model_validator(mode="after")
+    def _derived_name_is_one_component(self) -> RunConfig:
+        check_run_name(self.run_name)
+        return self
 
     @property
     def run_name(self) -> str:

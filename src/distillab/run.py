@@ -19,6 +19,7 @@ from distillab.engine.trainer import SUMMARY_FILE, Trainer, resolve_device
 from distillab.errors import ConfigError, DistillabError
 
 CONFIG_FILE = "config.yaml"
+RUN_MARKER = ".distillab-run"  # written into every run directory distillab creates; --force deletes only these
 
 
 def build_models(cfg: RunConfig, data: DataSplits, with_teacher: bool = True
@@ -51,8 +52,14 @@ def build_method(cfg: RunConfig, data: DataSplits) -> tuple[methods.Method, dict
 
 
 def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """A run directory is never overwritten unless `force`; `resume` continues one in place."""
-    exists = run_dir.exists() and any(run_dir.iterdir())
+    """A run directory is never overwritten unless `force`; `resume` continues one in place.
+
+    `force` deletes only a directory that is provably a distillab run: it carries the run marker, it is not a
+    symbolic link, and it resolves to a child of the output directory.
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DistillabError(f"{run_dir} is a file, not a run directory: choose another name or output_dir")
+    exists = run_dir.is_dir() and any(run_dir.iterdir())
     if exists and not (resume or force):
         raise DistillabError(f"{run_dir} already exists: pass --resume to continue it or --force to "
                              "start it again from scratch")
@@ -60,6 +67,23 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
         raise DistillabError(f"{run_dir}: nothing to resume (no such run)")
     if resume and (run_dir / SUMMARY_FILE).is_file() and not (run_dir / CHECKPOINT_FILE).is_file():
         raise DistillabError(f"{run_dir} has finished and has no checkpoint to resume from")
+    if exists and force and not resume:
+        if run_dir.is_symlink():
+            raise DistillabError(f"--force: {run_dir} is a symbolic link; distillab deletes no link targets "
+                                 "(remove it yourself if you mean to)")
+        if run_dir.resolve().parent != run_dir.parent.resolve():
+            raise DistillabError(f"--force: {run_dir} does not resolve to a directory inside {run_dir.parent}")
+        if not (run_dir / RUN_MARKER).is_file():
+            raise DistillabError(f"--force: {run_dir} is not a distillab run directory (no {RUN_MARKER} "
+                                 "marker); delete it yourself if you mean to")
+
+
+def claim_run_dir(run_dir: Path, force: bool) -> None:
+    """Create the run directory with its marker; with `force`, first delete the old run (checked before)."""
+    if force and run_dir.is_dir() and (run_dir / RUN_MARKER).is_file() and not run_dir.is_symlink():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_MARKER).write_text("a distillab run directory: `--force` may delete it and all it holds\n")
 
 
 def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None,
@@ -77,9 +101,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
         trainer.restore(run_dir / CHECKPOINT_FILE)  # a bad checkpoint is refused before anything is written
     barrier(world)  # every rank has checked the run directory, and all is valid, before rank 0 changes it
     if world.is_main:
-        if force and not resume and run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim_run_dir(run_dir, force and not resume)
         (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
     side = method.side_parameter_count()
     console.print(f"[bold]{cfg.run_name}[/]: {cfg.method.name} {cfg.teacher.name + ' -> ' if cfg.teacher else ''}"
@@ -92,6 +114,8 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
     """The config a run was started with, placed in `run_dir` (so a moved run resumes where it is)."""
     run_dir = Path(run_dir)
+    if run_dir.name in ("", ".", ".."):  # `--resume .` from inside the run: its own name, not an empty one
+        run_dir = run_dir.resolve()
     if not (run_dir / CONFIG_FILE).is_file():
         raise DistillabError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     cfg = load_config(run_dir / CONFIG_FILE, overrides)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from distillab.engine.trainer import device_name, resolve_device
 from distillab.errors import ConfigError
 from distillab.methods.base import validate_options
 from distillab.methods.dfa import DFA
-from distillab.run import CONFIG_FILE, build_models, check_run_dir
+from distillab.run import CONFIG_FILE, build_models, check_run_dir, claim_run_dir
 from distillab.search.dfa import BridgeSearch, run_search
 from distillab.search.report import HEATMAP_FILE, plot_aggregation, write_aggregation
 
@@ -46,9 +45,7 @@ def search_run(cfg: RunConfig, *, force: bool = False, console: Console | None =
     teacher, student, info = build_models(cfg, data)
     searcher = BridgeSearch(student, teacher, opts.search, data.image_shape)
     device = resolve_device(cfg.train.device)
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir, force)
     (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
     console.print(f"[bold]{run_dir.name}[/]: dfa search {cfg.teacher.name} -> {cfg.student.name} on "
                   f"{cfg.data.name} ({len(data.train)} train images, halves of {len(data.train) // 2}); "
