@@ -198,3 +198,48 @@ def test_bad_inputs_give_one_clear_line_and_lose_nothing(finished_run, capsys):
         assert err.count("\n") == 1 and err.startswith("distillab: error: "), (args, err)
         assert snapshot(run) == before, args
     assert not (tmp / "runs" / "kd").exists()  # failed starts leave no half-made run behind
+
+
+def teacher_file(tmp_path, mutate=None, name="teacher.safetensors"):
+    from safetensors.torch import save_file
+
+    from distillab import models
+
+    state = models.build("resnet8", num_classes=10, in_channels=1).state_dict()
+    if mutate is not None:
+        state = mutate(state)
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def kd_config(tmp_path, teacher, extra=""):
+    path = tmp_path / "kd.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'runs'}\nname: kd\nstudent: {{name: resnet8}}\nmethod: {{name: kd}}\n"
+                    f"teacher: {{name: resnet8, checkpoint: {teacher}{extra}}}\n"
+                    "data: {name: digits, val_size: 100, train_subset: 200}\n"
+                    "train: {epochs: 1, batch_size: 64, progress: false}\n")
+    return path
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda s: {k: v.long() if v.is_floating_point() else v for k, v in s.items()}, "is torch.int64 in the file"),
+    (lambda s: {k: v.fill_(float("nan")) if k == "head.fc.weight" else v for k, v in s.items()}, "NaN or infinite"),
+])
+def test_a_broken_teacher_is_refused_on_load(tmp_path, capsys, mutate, message):
+    teacher = teacher_file(tmp_path, mutate)
+    assert main(["train", str(kd_config(tmp_path, teacher))]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "runs" / "kd").exists()
+
+
+def test_a_teacher_whose_sha256_differs_from_the_config_is_refused(tmp_path, capsys):
+    from distillab.engine.checkpoint import sha256
+
+    teacher = teacher_file(tmp_path)
+    good = sha256(teacher)
+    assert main(["train", str(kd_config(tmp_path, teacher, f", sha256: '{'0' * 64}'"))]) == 2
+    err = capsys.readouterr().err
+    assert f"SHA-256 {good} is not the expected teacher.sha256" in err
+    assert main(["train", str(kd_config(tmp_path, teacher, f", sha256: {good}"))]) == 0

@@ -1,10 +1,15 @@
 import json
+import math
 
 import pytest
+import yaml
 
 from distillab.bench.plots import curves_of
 from distillab.bench.report import report
-from distillab.bench.suite import load_suite, run_suite
+from distillab.bench.stats import paired_difference
+from distillab.bench.suite import load_suite, run_suite, tune_suite
+from distillab.cli import main
+from distillab.engine.lock import RunLock, RunLockedError
 from distillab.errors import ConfigError, DistillabError
 
 
@@ -24,7 +29,7 @@ def test_suite_of_two_methods_two_seeds_aggregates_and_resumes(tmp_path):
     assert abs(row["test_acc"]["mean"] - sum(per_seed) / 2) < 1e-9
     assert json.loads((tmp_path / "results" / "tiny.json").read_text())["runs"].keys() == {"ce", "ce_smooth"}
     assert "| ce_smooth | resnet8 | 2 |" in (tmp_path / "results" / "tiny.md").read_text()
-    for figure in ("tiny_accuracy.png", "tiny_curves.png"):
+    for figure in ("tiny.png", "tiny_curves.png"):
         assert (tmp_path / "results" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report_dirs = sorted((tmp_path / "runs").iterdir())
     assert [d.name for d in report_dirs] == ["ce_s0", "ce_s1", "ce_smooth_s0", "ce_smooth_s1"]
@@ -42,3 +47,131 @@ def test_suite_of_two_methods_two_seeds_aggregates_and_resumes(tmp_path):
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(DistillabError, match="not a run directory"):
         report([tmp_path], tmp_path / "r.png")
+
+
+T_975_1 = 12.706204736  # Student's t, 97.5 % quantile, 1 degree of freedom (printed tables)
+T_975_4 = 2.776445105   # ... 4 degrees of freedom
+
+TINY_CE = ("student: {name: resnet8}\nmethod: {name: ce}\n"
+           "data: {name: digits, val_size: 100, train_subset: 300, augment: {flip: false}}\n"
+           "train: {epochs: 3, batch_size: 64, progress: false}\n")
+
+
+def write_suite(tmp_path, extra: str = "") -> tuple:
+    cfg = tmp_path / "ce.yaml"
+    cfg.write_text(TINY_CE)
+    budget = tmp_path / "budget.yaml"
+    budget.write_text("train: {epochs: 1}\n")  # laid over the entry's 3 epochs
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(f"name: paired\noutput_dir: {tmp_path / 'runs'}\nresults_dir: {tmp_path / 'results'}\n"
+                          f"budget: {budget}\nreference: ce\n{extra}runs:\n  ce: {{config: {cfg}}}\n"
+                          f"  ce_smooth: {{config: {cfg}, set: [method.options.label_smoothing=0.3]}}\n")
+    return suite_file, budget
+
+
+def test_paired_difference_matches_a_hand_computation():
+    a = {0: 80.0, 1: 82.0, 2: 81.0, 3: 85.0, 4: 84.0}
+    ref = {0: 79.0, 1: 81.5, 2: 81.0, 3: 83.0, 4: 82.5, 7: 99.0}  # seed 7 has no partner: left out
+    d = paired_difference(a, ref)
+    diffs = [1.0, 0.5, 0.0, 2.0, 1.5]  # by hand
+    mean = sum(diffs) / 5  # 1.0
+    std = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 4)  # sqrt(2.5 / 4)
+    assert d["seeds"] == [0, 1, 2, 3, 4] and d["per_seed"] == diffs
+    assert d["mean"] == pytest.approx(1.0) and d["std"] == pytest.approx(std)
+    assert d["ci_low"] == pytest.approx(1.0 - T_975_4 * std / math.sqrt(5))
+    assert d["ci_high"] == pytest.approx(1.0 + T_975_4 * std / math.sqrt(5))
+    assert d["significant"]  # 1.0 - 0.98 > 0
+    noisy = paired_difference({0: 80.0, 1: 82.0}, {0: 79.0, 1: 83.0})  # +1, -1: mean 0
+    assert noisy["mean"] == 0 and not noisy["significant"] and noisy["ci_low"] < 0 < noisy["ci_high"]
+    assert paired_difference({0: 1.0}, {1: 2.0}) is None
+    single = paired_difference({0: 1.0}, {0: 0.5})
+    assert single["ci_low"] is None and not single["significant"]
+
+
+def test_suite_pairs_every_run_with_the_reference_by_seed(tmp_path):
+    suite_file, _ = write_suite(tmp_path)
+    results = run_suite(load_suite(suite_file), seeds=2)
+    summaries = {(label, s): json.loads((tmp_path / "runs" / f"{label}_s{s}" / "summary.json").read_text())
+                 for label in ("ce", "ce_smooth") for s in (0, 1)}
+    assert all(v["epochs"] == 1 for v in summaries.values())  # the budget replaced the entry's 3 epochs
+    d = [summaries[("ce_smooth", s)]["test_acc"] - summaries[("ce", s)]["test_acc"] for s in (0, 1)]
+    row = results["runs"]["ce_smooth"]
+    assert row["vs_reference"]["per_seed"] == pytest.approx(d)
+    assert row["vs_reference"]["mean"] == pytest.approx((d[0] + d[1]) / 2)
+    half = T_975_1 * abs(d[0] - d[1]) / 2  # t * (|d0 - d1| / sqrt 2) / sqrt 2
+    assert row["vs_reference"]["ci_low"] == pytest.approx((d[0] + d[1]) / 2 - half)
+    assert row["vs_reference"]["ci_high"] == pytest.approx((d[0] + d[1]) / 2 + half)
+    expected = "tie" if (d[0] + d[1]) / 2 - half <= 0 <= (d[0] + d[1]) / 2 + half else "better or worse"
+    assert (row["verdict"] == "tie") == (expected == "tie")
+    assert results["runs"]["ce"]["vs_reference"] is None and results["runs"]["ce"]["verdict"] is None
+    saved = json.loads((tmp_path / "results" / "paired.json").read_text())
+    assert saved["runs"]["ce_smooth"]["per_seed_test_acc"] == [summaries[("ce_smooth", s)]["test_acc"] for s in (0, 1)]
+    md = (tmp_path / "results" / "paired.md").read_text()
+    assert "| ce | resnet8 | 2 |" in md and f"{row['vs_reference']['mean']:+.2f} [" in md
+    assert (tmp_path / "results" / "paired.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_partial_suite_is_labelled_incomplete(tmp_path, capsys):
+    suite_file, _ = write_suite(tmp_path)
+    assert main(["bench", "suite", str(suite_file), "--seeds", "2", "--only", "ce"]) == 0
+    results = json.loads((tmp_path / "results" / "paired.json").read_text())
+    assert list(results["runs"]) == ["ce"] and results["not_run"] == ["ce_smooth"]
+    assert "**Incomplete**" in (tmp_path / "results" / "paired.md").read_text()
+    assert main(["bench", "suite", str(suite_file), "--only", "nope"]) == 2
+    assert "'nope' is not a label" in capsys.readouterr().err
+
+
+def test_tuning_picks_by_validation_accuracy_and_applies_the_choice(tmp_path):
+    grid = "tune:\n  seeds: [7, 8]\n  grids:\n    ce_smooth: {method.options.label_smoothing: [0.0, 0.2]}\n"
+    suite_file, _ = write_suite(tmp_path, grid)
+    suite = load_suite(suite_file)
+    tune_suite(suite)
+    runs = tmp_path / "runs"
+    assert sorted(d.name for d in runs.iterdir()) == ["ce_smooth_tune0_s7", "ce_smooth_tune0_s8",
+                                                      "ce_smooth_tune1_s7", "ce_smooth_tune1_s8"]
+    # Make setting 1 the best on validation and the worst on test: the choice must follow validation.
+    for i, (val, test) in enumerate([(50.0, 99.0), (60.0, 1.0)]):
+        for seed in (7, 8):
+            path = runs / f"ce_smooth_tune{i}_s{seed}" / "summary.json"
+            summary = json.loads(path.read_text())
+            path.write_text(json.dumps({**summary, "val_acc": val + seed, "test_acc": test}))
+    assert tune_suite(suite, train=False) == {"ce_smooth": ["method.options.label_smoothing=0.2"]}
+    record = json.loads((tmp_path / "results" / "paired_tuning.json").read_text())
+    assert record["ce_smooth"]["chosen"] == 1
+    assert record["ce_smooth"]["rows"][1]["val_acc"]["mean"] == pytest.approx(67.5)
+    results = run_suite(suite, seeds=1)
+    assert results["runs"]["ce_smooth"]["tuned"] == ["method.options.label_smoothing=0.2"]
+    saved = yaml.safe_load((runs / "ce_smooth_s0" / "config.yaml").read_text())
+    assert saved["method"]["options"]["label_smoothing"] == 0.2
+
+
+def test_tuning_grids_are_small_and_name_real_labels(tmp_path):
+    big = "tune:\n  grids:\n    ce: {method.options.label_smoothing: [0.0, 0.1, 0.2, 0.3, 0.4]}\n"
+    suite_file, _ = write_suite(tmp_path, big)
+    with pytest.raises(ConfigError, match="at most 4 settings"):
+        load_suite(suite_file)
+    suite_file, _ = write_suite(tmp_path, "tune:\n  grids:\n    kd: {method.options.alpha: [0.5]}\n")
+    with pytest.raises(ConfigError, match="'kd' is not a label"):
+        load_suite(suite_file)
+
+
+def test_run_lock_names_its_holder_and_is_free_after_release(tmp_path):
+    lock = RunLock(tmp_path).acquire()
+    assert "pid" in RunLock(tmp_path).holder()
+    with pytest.raises(RunLockedError, match="in use by pid"):
+        RunLock(tmp_path).acquire()
+    lock.release()
+    assert RunLock(tmp_path).holder() is None  # the file stays, the lock does not: a stale file is free
+    with RunLock(tmp_path):
+        pass
+
+
+def test_training_into_a_locked_run_directory_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "ce.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'runs'}\nname: busy\n{TINY_CE}")
+    (tmp_path / "runs" / "busy").mkdir(parents=True)
+    with RunLock(tmp_path / "runs" / "busy"):
+        assert main(["train", str(cfg), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "is in use by pid" in err and err.count("\n") == 1
+    assert main(["train", str(cfg)]) == 0  # free again

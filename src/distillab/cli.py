@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.epochs=10 (repeatable)")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue an interrupted run in place")
+    p.add_argument("--budget", type=Path, metavar="FILE",
+                   help="a config file laid over the config (e.g. configs/fashion_mnist/_converged.yaml)")
     p.add_argument("--force", action="store_true", help="start an existing run directory again from scratch")
     _debug_flag(p)
     p.set_defaults(func=_train)
@@ -54,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set method.options.search.epochs_per_group=2")
     p.add_argument("--force", action="store_true", help="start an existing search directory again from scratch")
+    p.add_argument("--budget", type=Path, metavar="FILE",
+                   help="a config file laid over the config (e.g. configs/fashion_mnist/_converged.yaml)")
     _debug_flag(p)
     p.set_defaults(func=_search)
 
@@ -80,11 +84,21 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: multi-seed suites").add_subparsers(
         dest="bench_command", metavar="BENCH", required=True)
-    p = bench.add_parser("suite", help="run every entry of a suite file for N seeds; table into results/")
+    p = bench.add_parser("suite", help="run every entry of a suite file for N seeds (after its tuning grids); "
+                                       "table, paired differences and figures into results/")
     p.add_argument("suite", type=Path)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    p.add_argument("--only", help="comma-separated labels to train now (the table shows every finished run)")
+    p.add_argument("--no-train", dest="train", action="store_false",
+                   help="train nothing: write the table of the runs finished so far")
     _debug_flag(p)
     p.set_defaults(func=_bench_suite)
+
+    p = bench.add_parser("tune", help="run a suite's tuning grids on the validation split and show the choice")
+    p.add_argument("suite", type=Path)
+    p.add_argument("--only", help="comma-separated labels whose grids to run")
+    _debug_flag(p)
+    p.set_defaults(func=_bench_tune)
 
     p = bench.add_parser("throughput", help="training images/s of methods against the bound "
                                             "(student step + teacher forward)")
@@ -140,11 +154,13 @@ def _train(args: argparse.Namespace) -> int:
         if args.config is not None:
             raise DistillabError("with --resume the run's own config.yaml is used: drop the config argument "
                                  "(use --set to change a field, e.g. train.epochs)")
+        if args.budget is not None:
+            raise DistillabError("with --resume the run's own config.yaml is used: drop --budget")
         cfg = load_run_config(args.resume, args.overrides)
     elif args.config is None:
         raise DistillabError("train needs a config file (or --resume RUN_DIR)")
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, layers=[args.budget] if args.budget else [])
     summary = train_run(cfg, resume=args.resume is not None, force=args.force)
     Console().print(f"[bold green]done[/]: test {summary['test_acc']:.2f}% -> {cfg.run_dir}")
     return 0
@@ -154,7 +170,7 @@ def _search(args: argparse.Namespace) -> int:
     from distillab.config import load_config
     from distillab.search import search_dir, search_run
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, layers=[args.budget] if args.budget else [])
     record = search_run(cfg, force=args.force)
     table = Table(title=f"DFA aggregation weights ({record['steps_per_group']} steps per group, "
                         f"{record['search_wall_time_s']:.0f} s)")
@@ -216,8 +232,26 @@ def _bench_suite(args: argparse.Namespace) -> int:
 
     if args.seeds < 1:
         raise DistillabError(f"--seeds must be at least 1, got {args.seeds}")
-    run_suite(load_suite(args.suite), args.seeds)
+    run_suite(load_suite(args.suite), args.seeds, only=_labels(args.only), train=args.train)
     return 0
+
+
+def _bench_tune(args: argparse.Namespace) -> int:
+    from distillab.bench.suite import load_suite, tune_suite
+
+    suite = load_suite(args.suite)
+    if suite.tune is None or not suite.tune.grids:
+        raise DistillabError(f"{args.suite}: the suite has no tune: grids")
+    chosen = tune_suite(suite, _labels(args.only))
+    for label in suite.tune.grids:
+        if args.only is None or label in _labels(args.only):
+            Console().print(f"{label}: {', '.join(chosen[label]) if label in chosen else 'not complete'}")
+    Console().print(f"[bold green]done[/]: {suite.results_dir / (suite.name + '_tuning.md')}")
+    return 0
+
+
+def _labels(text: str | None) -> list[str] | None:
+    return None if text is None else [label for label in text.split(",") if label]
 
 
 def _bench_throughput(args: argparse.Namespace) -> int:

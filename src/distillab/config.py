@@ -52,6 +52,8 @@ class ModelConfig(StrictModel):
     checkpoint: Path | None = Field(
         None, description="weights: a run directory, a .pt/.pth state dict, or a .safetensors file"
     )
+    sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$",
+                               description="expected SHA-256 of the weights file; a different file is refused")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments of the zoo factory")
 
 
@@ -262,27 +264,32 @@ def read_with_bases(path: Path, tree: dict[str, Any], seen: tuple[Path, ...] = (
     return merge(read_with_bases(base_path, base, (*seen, base_path)), tree)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML run config (following `base:` files), apply overrides, validate.
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A YAML config file's keys, its `base:` files resolved."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return read_with_bases(path, loaded)
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[str, Any] | None = None,
+                layers: list[Path] = ()) -> RunConfig:
+    """Read a YAML run config (following `base:` files), lay the `layers` files over it (each one's keys
+    replace the config's, as a budget replaces a method config's), apply overrides, validate.
 
     Raises ConfigError with one clear line naming the file and field.
     """
     tree: dict[str, Any] = dict(base or {})
-    where = ""
-    if path is not None:
-        path = Path(path)
-        where = f"{path}: "
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-        tree = merge(tree, read_with_bases(path, loaded))
+    where = "" if path is None else f"{path}: "
+    for file in ([] if path is None else [path]) + list(layers):
+        tree = merge(tree, read_config_file(Path(file)))
     for assignment in overrides:
         apply_override(tree, assignment)
     try:

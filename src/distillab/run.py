@@ -15,8 +15,9 @@ from distillab.config import RunConfig, dump_config, load_config
 from distillab.data import DataSplits, load_splits
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights
 from distillab.engine.distributed import barrier, init_world
+from distillab.engine.lock import LOCK_FILE, RunLock, RunLockedError
 from distillab.engine.trainer import SUMMARY_FILE, Trainer, resolve_device
-from distillab.errors import ConfigError, DistillabError
+from distillab.errors import CheckpointError, ConfigError, DistillabError
 
 CONFIG_FILE = "config.yaml"
 RUN_MARKER = ".distillab-run"  # written into every run directory distillab creates; --force deletes only these
@@ -38,9 +39,21 @@ def build_models(cfg: RunConfig, data: DataSplits, with_teacher: bool = True
                                **cfg.teacher.kwargs)
         info["teacher"] = cfg.teacher.name
         info["teacher_sha256"] = load_weights(teacher, cfg.teacher.checkpoint, "teacher")
+        if cfg.teacher.sha256 is not None and info["teacher_sha256"] != cfg.teacher.sha256:
+            raise CheckpointError(f"teacher weights {cfg.teacher.checkpoint}: SHA-256 {info['teacher_sha256']} "
+                                  f"is not the expected teacher.sha256 {cfg.teacher.sha256} (a changed or "
+                                  "different file)")
+        check_teacher_weights(teacher, cfg.teacher.checkpoint)
     torch.manual_seed(cfg.seed)
     student = models.build(cfg.student.name, num_classes=num_classes, in_channels=shape[0], **cfg.student.kwargs)
     return teacher, student, info
+
+
+def check_teacher_weights(teacher: torch.nn.Module, where: Path) -> None:
+    """A teacher's floating-point tensors must be finite, and its weights must be floating point."""
+    for name, tensor in teacher.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"teacher weights {where}: {name!r} holds NaN or infinite values")
 
 
 def build_method(cfg: RunConfig, data: DataSplits) -> tuple[methods.Method, dict[str, Any]]:
@@ -59,7 +72,10 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise DistillabError(f"{run_dir} is a file, not a run directory: choose another name or output_dir")
-    exists = run_dir.is_dir() and any(run_dir.iterdir())
+    holder = RunLock(run_dir).holder()
+    if holder is not None:
+        raise RunLockedError(f"{run_dir} is in use by {holder}: wait for it to finish, or stop it and --resume")
+    exists = holds_a_run(run_dir)
     if exists and not (resume or force):
         raise DistillabError(f"{run_dir} already exists: pass --resume to continue it or --force to "
                              "start it again from scratch")
@@ -78,12 +94,20 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
                                  "marker); delete it yourself if you mean to")
 
 
-def claim_run_dir(run_dir: Path, force: bool) -> None:
-    """Create the run directory with its marker; with `force`, first delete the old run (checked before)."""
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds anything of a run (beyond its marker and lock file)."""
+    return run_dir.is_dir() and any(p.name not in (RUN_MARKER, LOCK_FILE) for p in run_dir.iterdir())
+
+
+def claim_run_dir(run_dir: Path, force: bool) -> RunLock:
+    """Create the run directory with its marker and take its lock; with `force`, first delete the old run
+    (which `check_run_dir` has proved to be one)."""
     if force and run_dir.is_dir() and (run_dir / RUN_MARKER).is_file() and not run_dir.is_symlink():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(run_dir).acquire()
     (run_dir / RUN_MARKER).write_text("a distillab run directory: `--force` may delete it and all it holds\n")
+    return lock
 
 
 def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None,
@@ -100,15 +124,19 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
     if resume and (run_dir / CHECKPOINT_FILE).is_file():
         trainer.restore(run_dir / CHECKPOINT_FILE)  # a bad checkpoint is refused before anything is written
     barrier(world)  # every rank has checked the run directory, and all is valid, before rank 0 changes it
-    if world.is_main:
-        claim_run_dir(run_dir, force and not resume)
-        (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
-    side = method.side_parameter_count()
-    console.print(f"[bold]{cfg.run_name}[/]: {cfg.method.name} {cfg.teacher.name + ' -> ' if cfg.teacher else ''}"
-                  f"{cfg.student.name} on {cfg.data.name} ({len(data.train)} train"
-                  f"{f', {len(data.val)} val' if data.val is not None else ''}, {len(data.test)} test); "
-                  f"side modules {side:,} params")
-    return trainer.fit()
+    lock = claim_run_dir(run_dir, force and not resume) if world.is_main else None
+    try:
+        if world.is_main:
+            (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
+        side = method.side_parameter_count()
+        console.print(f"[bold]{cfg.run_name}[/]: {cfg.method.name} "
+                      f"{cfg.teacher.name + ' -> ' if cfg.teacher else ''}{cfg.student.name} on {cfg.data.name} "
+                      f"({len(data.train)} train{f', {len(data.val)} val' if data.val is not None else ''}, "
+                      f"{len(data.test)} test); side modules {side:,} params")
+        return trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:

@@ -59,12 +59,18 @@ def plot_curves(curves: dict[str, dict[str, np.ndarray]], title: str, out: Path)
 
 
 def plot_accuracy(results: dict[str, Any], out: Path) -> Path:
-    """Horizontal bars of last-epoch test accuracy, mean +- std over seeds, with each seed as a dot."""
+    """Horizontal bars of last-epoch test accuracy, mean +- std over seeds, with each seed as a dot; beside them,
+    when the suite has a reference, each run's paired difference to it with its 95 % confidence interval."""
     rows = results["runs"]
     labels = list(rows)
+    ref = results.get("reference")
+    diffs = {k: rows[k].get("vs_reference") for k in labels}
+    panels = 2 if ref and any(diffs.values()) else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 0.45 * len(labels) + 1.6), constrained_layout=True,
+                             squeeze=False)
+    ax = axes[0][0]
     means = [rows[k]["test_acc"]["mean"] for k in labels]
     stds = [rows[k]["test_acc"]["std"] for k in labels]
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.6), constrained_layout=True)
     y = np.arange(len(labels))[::-1]
     ax.barh(y, means, xerr=stds, color="tab:blue", alpha=0.6, capsize=3)
     for yi, k in zip(y, labels, strict=True):
@@ -83,7 +89,36 @@ def plot_accuracy(results: dict[str, Any], out: Path) -> Path:
     ax.set_xlabel("last-epoch test top-1 accuracy (%), mean +- std; dots: seeds")
     ax.set_title(f"{results['suite']} ({results['dataset']})")
     ax.grid(axis="x", alpha=0.3)
+    if panels == 2:
+        _plot_paired(axes[0][1], y, labels, diffs, ref)
     return _save(fig, out)
+
+
+VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "tie": "tab:gray"}
+
+
+def _plot_paired(ax, y: np.ndarray, labels: list[str], diffs: dict[str, Any], ref: str) -> None:
+    """Paired differences to the reference: mean and 95 % CI per run, coloured by verdict, seeds as dots."""
+    from distillab.bench.stats import verdict
+
+    for yi, k in zip(y, labels, strict=True):
+        d = diffs[k]
+        if d is None:
+            ax.text(0, yi, "reference" if k == ref else "no common seeds", va="center", ha="center",
+                    fontsize="small")
+            continue
+        colour = VERDICT_COLOURS[verdict(d)]
+        if d["ci_low"] is not None:
+            ax.errorbar(d["mean"], yi, xerr=[[d["mean"] - d["ci_low"]], [d["ci_high"] - d["mean"]]], fmt="o",
+                        color=colour, capsize=4)
+        else:
+            ax.plot(d["mean"], yi, "o", color=colour)
+        ax.plot(d["per_seed"], [yi] * len(d["per_seed"]), ".", color="k", markersize=3, alpha=0.6)
+    ax.axvline(0, color="k", linewidth=1)
+    ax.set_yticks(y, labels)
+    ax.set_xlabel(f"test accuracy minus {ref}'s, same seed (points); mean and 95 % CI")
+    ax.set_title(f"paired by seed against {ref}: green better, red worse, grey tie")
+    ax.grid(axis="x", alpha=0.3)
 
 
 def _save(fig, out: Path) -> Path:

@@ -1,20 +1,30 @@
-"""Multi-seed comparisons: run each entry of a suite for N seeds, aggregate last-epoch accuracy.
+"""Multi-seed comparisons: run each entry of a suite for N seeds, aggregate last-epoch accuracy, and compare
+every entry with a reference entry paired by seed.
 
 A suite file names the runs to compare, each a config file plus overrides:
 
-    name: fashion_mnist_kd              # results/<name>.json and results/<name>.md
+    name: fashion_mnist_kd              # results/<name>.json, <name>.md and <name>.png
     output_dir: runs/fashion_mnist      # run directories: <output_dir>/<label>_s<seed>
+    budget: configs/fashion_mnist/_converged.yaml   # optional: laid over every entry's config
+    reference: kd                       # optional: paired differences (95 % CI) against this entry
+    tune:                               # optional: pick options on the validation split first
+      seeds: [100, 101]
+      grids: {kd: {method.options.temperature: [2, 4]}}
     runs:
       ce: {config: configs/fashion_mnist/ce.yaml}
-      kd: {config: configs/fashion_mnist/kd.yaml, set: [method.options.temperature=2]}
+      kd: {config: configs/fashion_mnist/kd.yaml, set: [method.options.alpha=0.9]}
 
-Finished runs (those with a summary.json) are skipped, so an interrupted suite resumes where it stopped,
-and suites sharing an output directory share the runs they have in common (same label, same config); a
-label whose existing run was made from a different config is an error.
+A config is read as: the entry's file (with its `base:` files), then the budget's keys over it, then the
+entry's `set`, then the tuned values, then seed, output_dir and name. Finished runs (those with a
+summary.json) are skipped, so an interrupted suite resumes where it stopped; a run another process is
+training (its run lock is held) is left to that process and waited for at the end, so two `bench suite`
+processes on one suite share its runs. Suites sharing an output directory share the runs they have in
+common (same label, same config); a label whose existing run was made from a different config is an error.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -22,15 +32,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from rich.console import Console
 from rich.table import Table
 
 from distillab.bench.plots import curves_of, plot_accuracy, plot_curves
+from distillab.bench.stats import paired_difference, summary, verdict
 from distillab.config import RunConfig, StrictModel, dump_config, format_validation_error, load_config
+from distillab.engine.lock import RunLock, RunLockedError
 from distillab.engine.trainer import SUMMARY_FILE
 from distillab.errors import ConfigError
-from distillab.run import CONFIG_FILE, train_run
+from distillab.run import CONFIG_FILE, holds_a_run, train_run
+
+MAX_GRID_POINTS = 4  # every tuned method gets the same small budget: at most 4 settings x the tuning seeds
+WAIT_S = 10.0
 
 
 class SuiteEntry(StrictModel):
@@ -38,11 +53,39 @@ class SuiteEntry(StrictModel):
     set: list[str] = Field(default_factory=list, description="overrides, as with --set")
 
 
+class TuneSpec(StrictModel):
+    """Options chosen on the validation split before the suite's runs: the best mean val accuracy wins."""
+
+    seeds: list[int] = Field([100, 101], min_length=1, description="tuning seeds, apart from the table's")
+    grids: dict[str, dict[str, list[Any]]] = Field(
+        default_factory=dict, description="label -> {option key: values}; one or two keys, at most 4 settings")
+
+    @model_validator(mode="after")
+    def _small_grids(self) -> TuneSpec:
+        for label, grid in self.grids.items():
+            points = grid_points(grid)
+            if not 1 <= len(grid) <= 2 or not all(grid.values()) or len(points) > MAX_GRID_POINTS:
+                raise ValueError(f"grids.{label}: one or two option keys with values, at most {MAX_GRID_POINTS} "
+                                 f"settings in all (got {len(points)})")
+        return self
+
+
 class Suite(StrictModel):
     name: str
     output_dir: Path = Path("runs/suites")
     results_dir: Path = Path("results")
+    budget: Path | None = Field(None, description="a config file laid over every entry's config")
+    reference: str | None = Field(None, description="the label every run is compared with, paired by seed")
+    tune: TuneSpec | None = None
     runs: dict[str, SuiteEntry]
+
+    @model_validator(mode="after")
+    def _labels_exist(self) -> Suite:
+        named = [("reference", self.reference)] + [("tune.grids", k) for k in (self.tune.grids if self.tune else {})]
+        for field, label in named:
+            if label is not None and label not in self.runs:
+                raise ValueError(f"{field}: {label!r} is not a label of runs ({', '.join(self.runs)})")
+        return self
 
 
 def load_suite(path: Path) -> Suite:
@@ -55,18 +98,29 @@ def load_suite(path: Path) -> Suite:
         raise ConfigError(format_validation_error(err, Suite, f"{path}: ")) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if suite.budget is not None and not suite.budget.is_file():
+        raise ConfigError(f"{path}: budget: config file {suite.budget} does not exist")
     return suite
 
 
-def run_suite(suite: Suite, seeds: int, console: Console | None = None) -> dict[str, Any]:
-    """Train every (entry, seed) not finished yet, then write and return the aggregate."""
-    console = console or Console()
-    configs = {
-        (label, seed): load_config(entry.config, [*entry.set, f"seed={seed}",
-                                                  f"output_dir={suite.output_dir}",
-                                                  f"name={label}_s{seed}"])
-        for label, entry in suite.runs.items() for seed in range(seeds)
-    }  # all validated before the first run starts
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values, in order."""
+    return [dict(zip(grid, values, strict=True)) for values in itertools.product(*grid.values())]
+
+
+def overrides_of(point: dict[str, Any]) -> list[str]:
+    """`--set` strings of an option setting (values written as JSON, which YAML reads back unchanged)."""
+    return [f"{key}={json.dumps(value)}" for key, value in point.items()]
+
+
+def entry_config(suite: Suite, label: str, seed: int, extra: list[str] = (), name: str | None = None) -> RunConfig:
+    entry = suite.runs[label]
+    return load_config(entry.config, [*entry.set, *extra, f"seed={seed}", f"output_dir={suite.output_dir}",
+                                      f"name={name or label}_s{seed}"], layers=[suite.budget] if suite.budget else [])
+
+
+def train_all(configs: dict[Any, RunConfig], console: Console) -> None:
+    """Train every config without a summary, skipping (then waiting for) runs another process holds."""
     for cfg in configs.values():
         saved = cfg.run_dir / CONFIG_FILE
         if saved.is_file() and not _same_config(saved, cfg):
@@ -74,23 +128,32 @@ def run_suite(suite: Suite, seeds: int, console: Console | None = None) -> dict[
                               f"{cfg.run_name!r}: rename the entry or move the run")
     todo = [key for key, cfg in configs.items() if not (cfg.run_dir / SUMMARY_FILE).is_file()]
     if len(todo) < len(configs):
-        console.print(f"{len(configs) - len(todo)} of {len(configs)} runs already finished: "
-                      + ", ".join(configs[k].run_name for k in configs if k not in todo))
-    started, durations = time.perf_counter(), []
-    for i, key in enumerate(todo, 1):
-        cfg = configs[key]
-        eta = (f", about {_minutes(statistics.mean(durations) * (len(todo) - i + 1))} left" if durations else "")
-        console.rule(f"[{i}/{len(todo)}] {key[0]}, seed {key[1]} ({_minutes(time.perf_counter() - started)} "
-                     f"elapsed{eta})")
-        resume = cfg.run_dir.is_dir() and any(cfg.run_dir.iterdir())
-        run_start = time.perf_counter()
-        train_run(cfg, resume=resume, console=console)
-        durations.append(time.perf_counter() - run_start)
-    results = aggregate(suite, {k: json.loads((c.run_dir / SUMMARY_FILE).read_text()) for k, c in configs.items()})
-    run_dirs = {label: [c.run_dir for (lab, _), c in configs.items() if lab == label] for label in suite.runs}
-    write_results(suite, results, run_dirs, seeds)
-    console.print(results_table(results))
-    return results
+        console.print(f"{len(configs) - len(todo)} of {len(configs)} runs already finished")
+    started, durations, deferred = time.perf_counter(), [], []
+    while todo:
+        for i, key in enumerate(todo, 1):
+            cfg = configs[key]
+            if (cfg.run_dir / SUMMARY_FILE).is_file():
+                continue  # finished by another process meanwhile
+            holder = RunLock(cfg.run_dir).holder() if cfg.run_dir.is_dir() else None
+            if holder is not None:
+                deferred.append(key)
+                continue
+            eta = f", about {_minutes(statistics.mean(durations) * (len(todo) - i + 1))} left" if durations else ""
+            console.rule(f"[{i}/{len(todo)}] {cfg.run_name} ({_minutes(time.perf_counter() - started)} "
+                         f"elapsed{eta})")
+            run_start = time.perf_counter()
+            try:
+                train_run(cfg, resume=holds_a_run(cfg.run_dir), console=console)
+            except RunLockedError:  # another process took it between the check and the start
+                deferred.append(key)
+                continue
+            durations.append(time.perf_counter() - run_start)
+        todo, deferred = [k for k in deferred if not (configs[k].run_dir / SUMMARY_FILE).is_file()], []
+        if todo:
+            console.print(f"waiting for {len(todo)} run(s) that another process is training: "
+                          + ", ".join(configs[k].run_name for k in todo))
+            time.sleep(WAIT_S)
 
 
 def _same_config(saved: Path, cfg: RunConfig) -> bool:
@@ -102,17 +165,94 @@ def _same_config(saved: Path, cfg: RunConfig) -> bool:
         return False
 
 
-def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]]) -> dict[str, Any]:
+def _finished(cfg: RunConfig) -> dict[str, Any] | None:
+    path = cfg.run_dir / SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def tune_suite(suite: Suite, labels: list[str] | None = None, console: Console | None = None,
+               train: bool = True) -> dict[str, list[str]]:
+    """Run each grid of `suite.tune` on its tuning seeds and pick, per label, the setting with the best mean
+    validation accuracy (the first of equals); returns label -> overrides, and writes <name>_tuning.{json,md}.
+    With `train=False` only finished tuning runs count, and a grid with unfinished runs picks nothing."""
+    console = console or Console()
+    if suite.tune is None:
+        return {}
+    grids = {k: g for k, g in suite.tune.grids.items() if labels is None or k in labels}
+    configs = {(label, i, seed): entry_config(suite, label, seed, overrides_of(point), f"{label}_tune{i}")
+               for label, grid in grids.items() for i, point in enumerate(grid_points(grid))
+               for seed in suite.tune.seeds}
+    if train:
+        train_all(configs, console)
+    chosen, record = {}, {}
+    for label, grid in grids.items():
+        rows = []
+        for i, point in enumerate(grid_points(grid)):
+            runs = [_finished(configs[(label, i, seed)]) for seed in suite.tune.seeds]
+            done = [r for r in runs if r is not None]
+            rows.append({"setting": point, "overrides": overrides_of(point), "runs": len(done),
+                         "val_acc": summary([r["val_acc"] for r in done if r.get("val_acc") is not None]),
+                         "per_seed_val_acc": [r.get("val_acc") for r in done]})
+        complete = all(r["runs"] == len(suite.tune.seeds) and r["val_acc"] for r in rows)
+        best = max(range(len(rows)), key=lambda i: (rows[i]["val_acc"]["mean"], -i)) if complete else None
+        if best is not None:
+            chosen[label] = rows[best]["overrides"]
+        record[label] = {"grid": grid, "seeds": suite.tune.seeds, "rows": rows, "chosen": best}
+    if record:
+        write_tuning(suite, record)
+    return chosen
+
+
+def run_suite(suite: Suite, seeds: int, console: Console | None = None, only: list[str] | None = None,
+              train: bool = True) -> dict[str, Any]:
+    """Tune, then train every (entry, seed) not finished yet (only the `only` labels, when given), then write
+    and return the aggregate of every finished run. `train=False` only aggregates."""
+    console = console or Console()
+    for label in only or []:
+        if label not in suite.runs:
+            raise ConfigError(f"--only: {label!r} is not a label of {suite.name} ({', '.join(suite.runs)})")
+    tuned = tune_suite(suite, only, console, train=train)
+    labels = [k for k in suite.runs if only is None or k in only]
+    pending = [k for k in labels if suite.tune and k in suite.tune.grids and k not in tuned]
+    configs = {(label, seed): entry_config(suite, label, seed, tuned.get(label, []))
+               for label in suite.runs if label not in pending for seed in range(seeds)}  # all validated first
+    if train:
+        train_all({k: c for k, c in configs.items() if k[0] in labels}, console)
+    summaries = {k: s for k, c in configs.items() if (s := _finished(c)) is not None}
+    if not summaries:
+        raise ConfigError(f"{suite.name}: no finished runs to aggregate yet")
+    results = aggregate(suite, summaries, tuned, seeds)
+    run_dirs = {label: [c.run_dir for k, c in configs.items() if k[0] == label and k in summaries]
+                for label in results["runs"]}
+    write_results(suite, results, run_dirs)
+    console.print(results_table(results))
+    return results
+
+
+def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]], tuned: dict[str, list[str]],
+              seeds: int) -> dict[str, Any]:
+    """Per label: mean, std and per-seed accuracies, and the per-seed difference to the reference."""
+    test = {label: {seed: s["test_acc"] for (lab, seed), s in summaries.items() if lab == label}
+            for label in suite.runs}
+    reference = test.get(suite.reference, {}) if suite.reference else {}
     rows = {}
     for label in suite.runs:
         runs = [s for (lab, _), s in sorted(summaries.items()) if lab == label]
+        if not runs:
+            continue
+        diff = paired_difference(test[label], reference) if reference and label != suite.reference else None
         rows[label] = {
             "config": str(suite.runs[label].config),
             "overrides": suite.runs[label].set,
+            "tuned": tuned.get(label, []),
             "seeds": [r["seed"] for r in runs],
-            "test_acc": _stats([r["test_acc"] for r in runs]),
-            "val_acc": _stats([r["val_acc"] for r in runs if r.get("val_acc") is not None]),
-            "best_epoch_test_acc": _stats([r["best_epoch_test_acc"] for r in runs]),
+            "test_acc": summary([r["test_acc"] for r in runs]),
+            "val_acc": summary([r["val_acc"] for r in runs if r.get("val_acc") is not None]),
+            "best_epoch_test_acc": summary([r["best_epoch_test_acc"] for r in runs]),
+            "per_seed_test_acc": [r["test_acc"] for r in runs],
+            "per_seed_val_acc": [r.get("val_acc") for r in runs],
+            "vs_reference": diff,
+            "verdict": None if diff is None else verdict(diff),
             "images_per_s": statistics.mean(r["images_per_s"] for r in runs),
             "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs),
             "epochs": runs[0]["epochs"],
@@ -120,30 +260,36 @@ def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]]) ->
             "teacher_test_acc": runs[0].get("teacher_test_acc"),
             "teacher_sha256": runs[0].get("teacher_sha256"),
             "student": runs[0]["student"],
-            "per_seed_test_acc": [r["test_acc"] for r in runs],
         }
     first = next(iter(summaries.values()))
-    return {"suite": suite.name, "dataset": first["dataset"], "environment": first["environment"], "runs": rows}
-
-
-def _stats(values: list[float]) -> dict[str, float] | None:
-    if not values:
-        return None
-    return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
+    return {"suite": suite.name, "dataset": first["dataset"], "environment": first["environment"],
+            "seeds_requested": seeds, "reference": suite.reference,
+            "budget": str(suite.budget) if suite.budget else None, "runs": rows,
+            "not_run": [label for label in suite.runs if label not in rows]}
 
 
 def _fmt(stats: dict[str, float] | None) -> str:
     return "-" if stats is None else f"{stats['mean']:.2f} ± {stats['std']:.2f}"
 
 
+def _fmt_diff(diff: dict[str, Any] | None) -> str:
+    if diff is None:
+        return "-"
+    if diff["ci_low"] is None:
+        return f"{diff['mean']:+.2f}"
+    return f"{diff['mean']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}]"
+
+
 def results_table(results: dict[str, Any]) -> Table:
-    table = Table(title=f"{results['suite']}: last-epoch accuracy, mean ± std over seeds")
-    for col in ("run", "student", "seeds", "test top-1 %", "val top-1 %", "img/s"):
-        table.add_column(col, justify="left" if col in ("run", "student") else "right")
+    ref = results["reference"]
+    table = Table(title=f"{results['suite']}: last-epoch accuracy, mean ± std over seeds"
+                  + (f"; vs {ref} paired by seed, 95 % CI" if ref else ""))
+    columns = ["run", "student", "seeds", "test top-1 %", *([f"- {ref}", "verdict"] if ref else []), "val top-1 %"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("run", "student", "verdict") else "right")
     for label, r in results["runs"].items():
-        table.add_row(label, r["student"], str(len(r["seeds"])), _fmt(r["test_acc"]), _fmt(r["val_acc"]),
-                      f"{r['images_per_s']:,.0f}")
+        paired = [_fmt_diff(r["vs_reference"]), r["verdict"] or "reference"] if ref else []
+        table.add_row(label, r["student"], str(len(r["seeds"])), _fmt(r["test_acc"]), *paired, _fmt(r["val_acc"]))
     return table
 
 
@@ -151,27 +297,65 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
-def write_results(suite: Suite, results: dict[str, Any], run_dirs: dict[str, list[Path]], seeds: int) -> None:
-    """results/<name>.json, <name>.md, and the figures <name>_accuracy.png and <name>_curves.png."""
+def write_results(suite: Suite, results: dict[str, Any], run_dirs: dict[str, list[Path]]) -> None:
+    """results/<name>.json, <name>.md, and the figures <name>.png (accuracy, paired differences) and
+    <name>_curves.png."""
     suite.results_dir.mkdir(parents=True, exist_ok=True)
     (suite.results_dir / f"{suite.name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    accuracy = plot_accuracy(results, suite.results_dir / f"{suite.name}_accuracy.png")
-    curves = plot_curves(curves_of(run_dirs), f"{suite.name}: mean over {seeds} seeds, band +- 1 std",
+    figure = plot_accuracy(results, suite.results_dir / f"{suite.name}.png")
+    curves = plot_curves(curves_of(run_dirs), f"{suite.name}: mean over seeds, band +- 1 std",
                          suite.results_dir / f"{suite.name}_curves.png")
-    env = results["environment"]
+    env, ref, n = results["environment"], results["reference"], results["seeds_requested"]
+    short = [label for label, r in results["runs"].items() if len(r["seeds"]) < n]
     lines = [
         f"# {suite.name}",
         "",
-        f"Dataset {results['dataset']}; last-epoch test accuracy (validation accuracy beside it), mean ± std "
-        f"over seeds; best-epoch test accuracy only for comparison with published tables. "
-        f"torch {env['torch']}, {env['device']}, {env['threads']} threads.",
-        "",
-        "| run | teacher -> student | seeds | test top-1 % | val top-1 % | best-epoch test % | img/s |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"Dataset {results['dataset']}"
+        + (f", budget `{results['budget']}`" if results["budget"] else "")
+        + f"; last-epoch test accuracy (validation accuracy beside it), mean ± std over seeds; best-epoch test "
+        f"accuracy only for comparison with published tables. torch {env['torch']}, {env['device']}, "
+        f"{env['threads']} threads.",
     ]
+    if ref:
+        lines += ["", f"`- {ref}`: the per-seed difference to `{ref}` (same seeds), its mean and 95 % confidence "
+                      "interval (t distribution, n-1 degrees of freedom); `better`/`worse` only when the interval "
+                      "excludes 0, else `tie`."]
+    if short or results["not_run"]:
+        lines += ["", f"**Incomplete**: {n} seeds requested; "
+                  + "; ".join(filter(None, [
+                      ", ".join(f"{k} has {len(results['runs'][k]['seeds'])}" for k in short),
+                      ("not run yet: " + ", ".join(results["not_run"])) if results["not_run"] else ""]))
+                  + "."]
+    head = ["run", "teacher -> student", "seeds", "test top-1 %", *([f"- {ref} [95 % CI]", "verdict"] if ref else []),
+            "val top-1 %", "best-epoch test %", "test % per seed", "img/s"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for label, r in results["runs"].items():
         pair = f"{r['teacher']} -> {r['student']}" if r["teacher"] else r["student"]
-        lines.append(f"| {label} | {pair} | {len(r['seeds'])} | {_fmt(r['test_acc'])} | {_fmt(r['val_acc'])} | "
-                     f"{_fmt(r['best_epoch_test_acc'])} | {r['images_per_s']:,.0f} |")
-    lines += ["", f"![accuracy]({accuracy.name})", "", f"![curves]({curves.name})"]
+        paired = [_fmt_diff(r["vs_reference"]), r["verdict"] or "reference"] if ref else []
+        cells = [label, pair, str(len(r["seeds"])), _fmt(r["test_acc"]), *paired, _fmt(r["val_acc"]),
+                 _fmt(r["best_epoch_test_acc"]), " ".join(f"{a:.2f}" for a in r["per_seed_test_acc"]),
+                 f"{r['images_per_s']:,.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    tuned = {label: r["tuned"] for label, r in results["runs"].items() if r["tuned"]}
+    if tuned:
+        lines += ["", f"Tuned on the validation split (`{suite.name}_tuning.md`): "
+                  + "; ".join(f"{k}: {', '.join(v)}" for k, v in tuned.items()) + "."]
+    lines += ["", f"![accuracy]({figure.name})", "", f"![curves]({curves.name})"]
     (suite.results_dir / f"{suite.name}.md").write_text("\n".join(lines) + "\n")
+
+
+def write_tuning(suite: Suite, record: dict[str, Any]) -> None:
+    """results/<name>_tuning.json and .md: each grid's settings with their validation accuracy."""
+    suite.results_dir.mkdir(parents=True, exist_ok=True)
+    (suite.results_dir / f"{suite.name}_tuning.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"# {suite.name}: tuning on the validation split", "",
+             "Each setting is trained on the tuning seeds; the best mean validation accuracy is chosen "
+             "(test accuracy is never read).", ""]
+    for label, grid in record.items():
+        lines += [f"## {label}", "", "| setting | runs | val top-1 % | per seed | chosen |", "|---|---:|---:|---:|---|"]
+        for i, row in enumerate(grid["rows"]):
+            per_seed = " ".join(f"{v:.2f}" for v in row["per_seed_val_acc"] if v is not None)
+            lines.append(f"| {', '.join(row['overrides'])} | {row['runs']} | {_fmt(row['val_acc'])} | {per_seed} | "
+                         f"{'**yes**' if grid['chosen'] == i else ''} |")
+        lines.append("")
+    (suite.results_dir / f"{suite.name}_tuning.md").write_text("\n".join(lines))

@@ -114,6 +114,9 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], where:
         if tuple(state[key].shape) != tuple(value.shape):
             raise CheckpointError(f"{where}: shape mismatch at {key!r}: file has {tuple(state[key].shape)}, "
                                   f"model expects {tuple(value.shape)}")
+        if value.is_floating_point() and not state[key].is_floating_point():
+            raise CheckpointError(f"{where}: {key!r} is {state[key].dtype} in the file; the model's is "
+                                  f"{value.dtype} (weights must be floating point)")
     extra = [k for k in state if k not in expected]
     if extra:
         raise CheckpointError(f"{where}: unexpected key {extra[0]!r} (does the architecture match "

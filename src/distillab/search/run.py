@@ -45,32 +45,32 @@ def search_run(cfg: RunConfig, *, force: bool = False, console: Console | None =
     teacher, student, info = build_models(cfg, data)
     searcher = BridgeSearch(student, teacher, opts.search, data.image_shape)
     device = resolve_device(cfg.train.device)
-    claim_run_dir(run_dir, force)
-    (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
-    console.print(f"[bold]{run_dir.name}[/]: dfa search {cfg.teacher.name} -> {cfg.student.name} on "
-                  f"{cfg.data.name} ({len(data.train)} train images, halves of {len(data.train) // 2}); "
-                  f"candidates per group {searcher.groups.sizes}")
-    started = time.perf_counter()
-    groups = run_search(searcher, data.train, batch_size=cfg.train.batch_size, seed=cfg.seed, device=device,
-                        augment=cfg.data.augment, console=console, progress=cfg.train.progress)
-    wall = time.perf_counter() - started
-    record = {
-        **info,
-        "run": run_dir.name,
-        "method": "dfa",
-        "stage": "search",
-        "seed": cfg.seed,
-        "train_images": len(data.train),
-        "batch_size": cfg.train.batch_size,
-        "steps_per_group": groups[0].steps,
-        "search_wall_time_s": wall,
-        "search_options": opts.search.model_dump(mode="json"),
-        "groups": [dataclasses.asdict(g) for g in groups],
-        "environment": {"torch": torch.__version__, "distillab": distillab.__version__,
-                        "device": device_name(device), "threads": torch.get_num_threads(),
-                        "python": platform.python_version()},
-    }
-    write_aggregation(run_dir, record)
-    plot_aggregation(run_dir / HEATMAP_FILE, [g.weights for g in groups],
-                     f"DFA weights: {cfg.teacher.name} -> {cfg.student.name} on {cfg.data.name}")
-    return record
+    with claim_run_dir(run_dir, force):  # the run lock, held until the search is written
+        (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
+        console.print(f"[bold]{run_dir.name}[/]: dfa search {cfg.teacher.name} -> {cfg.student.name} on "
+                      f"{cfg.data.name} ({len(data.train)} train images, halves of {len(data.train) // 2}); "
+                      f"candidates per group {searcher.groups.sizes}")
+        started = time.perf_counter()
+        groups = run_search(searcher, data.train, batch_size=cfg.train.batch_size, seed=cfg.seed, device=device,
+                            augment=cfg.data.augment, console=console, progress=cfg.train.progress)
+        wall = time.perf_counter() - started
+        record = {
+            **info,
+            "run": run_dir.name,
+            "method": "dfa",
+            "stage": "search",
+            "seed": cfg.seed,
+            "train_images": len(data.train),
+            "batch_size": cfg.train.batch_size,
+            "steps_per_group": groups[0].steps,
+            "search_wall_time_s": wall,
+            "search_options": opts.search.model_dump(mode="json"),
+            "groups": [dataclasses.asdict(g) for g in groups],
+            "environment": {"torch": torch.__version__, "distillab": distillab.__version__,
+                            "device": device_name(device), "threads": torch.get_num_threads(),
+                            "python": platform.python_version()},
+        }
+        write_aggregation(run_dir, record)
+        plot_aggregation(run_dir / HEATMAP_FILE, [g.weights for g in groups],
+                         f"DFA weights: {cfg.teacher.name} -> {cfg.student.name} on {cfg.data.name}")
+        return record
