@@ -48,10 +48,24 @@ def test_throughput_command_writes_json(tmp_path, capsys):
     assert list(result["methods"]) == ["ce", "dkd"] and result["spec"]["options"] == {"dkd": {"beta": 2}}
     assert result["spec"]["channels_last"] is True  # training's default
     assert "x bound" in capsys.readouterr().out
-    assert main(["bench", "throughput", "--teacher", "resnet8", "--student", "resnet8", "--methods", "ce",
-                 "--input", "1x8x8", "--num-classes", "10", "--batch", "8", "--warmup", "1", "--steps", "1",
-                 "--repeats", "1", "--no-channels-last", "--output", str(out)]) == 0
+    again = ["bench", "throughput", "--teacher", "resnet8", "--student", "resnet8", "--methods", "ce",
+             "--input", "1x8x8", "--num-classes", "10", "--batch", "8", "--warmup", "1", "--steps", "1",
+             "--repeats", "1", "--no-channels-last", "--output", str(out)]
+    before = out.read_text()
+    assert main(again) == 2  # an existing results file is kept ...
+    assert "pass --force to overwrite it" in capsys.readouterr().err and out.read_text() == before
+    assert main([*again, "--force"]) == 0  # ... unless --force says otherwise
     assert json.loads(out.read_text())["spec"]["channels_last"] is False
+
+
+def test_throughput_default_output_never_overwrites(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "throughput", "--teacher", "resnet8", "--student", "resnet8", "--methods", "ce",
+            "--input", "1x8x8", "--num-classes", "10", "--batch", "8", "--warmup", "1", "--steps", "1",
+            "--repeats", "1"]
+    assert main(argv) == 0 and main(argv) == 0
+    written = sorted(p.name for p in (tmp_path / "results" / "throughput").iterdir())
+    assert written == ["resnet8_resnet8_1x8x8_b8_cpu_auto.json", "resnet8_resnet8_1x8x8_b8_cpu_auto_2.json"]
 
 
 @pytest.mark.parametrize("argv, message", [

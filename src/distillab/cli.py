@@ -118,7 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="measurements per method (the median is reported)")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method option, e.g. dfa.mode=last (repeatable)")
-    p.add_argument("--output", type=Path, help="JSON file (default results/throughput/<pair>_<shape>_..json)")
+    p.add_argument("--output", type=Path, help="JSON file (default results/throughput/<pair>_<shape>_..json, "
+                   "or _2, _3... after it: an existing results file is never overwritten by default)")
+    p.add_argument("--force", action="store_true", help="overwrite the existing file named by --output")
     _debug_flag(p)
     p.set_defaults(func=_bench_throughput)
 
@@ -250,6 +252,16 @@ def _bench_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def unused_path(path: Path) -> Path:
+    """`path`, or the first of <stem>_2, <stem>_3, ... beside it that does not exist yet."""
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def _labels(text: str | None) -> list[str] | None:
     return None if text is None else [label for label in text.split(",") if label]
 
@@ -279,9 +291,11 @@ def _bench_throughput(args: argparse.Namespace) -> int:
                           warmup=args.warmup, steps=args.steps, repeats=args.repeats, options=options)
     if args.channels_last is not None:
         spec.channels_last = args.channels_last
+    if args.output is not None and args.output.exists() and not args.force:
+        raise DistillabError(f"--output {args.output} exists: pass --force to overwrite it, or name a new file")
     console = Console()
     result = measure(spec, console)
-    output = args.output or default_output(spec)
+    output = args.output or unused_path(default_output(spec))
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
     console.print(results_table(result))
