@@ -269,10 +269,9 @@ def _labels(text: str | None) -> list[str] | None:
 def _bench_throughput(args: argparse.Namespace) -> int:
     import json
 
-    import yaml
-
     from distillab import methods
     from distillab.bench.throughput import ThroughputSpec, default_output, measure, parse_shape, results_table
+    from distillab.config import safe_yaml
 
     for name, value in (("--batch", args.batch), ("--steps", args.steps), ("--repeats", args.repeats)):
         if value < 1:
@@ -284,7 +283,7 @@ def _bench_throughput(args: argparse.Namespace) -> int:
         method, dot, option = key.partition(".")
         if not (sep and dot and option):
             raise DistillabError(f"--option {item!r}: expected METHOD.KEY=VALUE, e.g. kd.temperature=2")
-        options.setdefault(method, {})[option] = yaml.safe_load(value)
+        options.setdefault(method, {})[option] = safe_yaml(value, f"--option {item!r}: ")
     spec = ThroughputSpec(teacher=args.teacher, student=args.student, methods=names,
                           input_shape=parse_shape(args.input), num_classes=args.num_classes, batch=args.batch,
                           device=args.device, amp=args.amp, compile=args.compile,

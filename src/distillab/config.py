@@ -6,13 +6,50 @@ Every model forbids unknown keys, so a misspelt field is an error that names the
 from __future__ import annotations
 
 import difflib
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from distillab.errors import ConfigError
+
+MAX_YAML_ALIASES = 64  # a config needs few; an "alias bomb" uses a handful to expand into billions of nodes
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document with more than MAX_YAML_ALIASES aliases (`*name`)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases_seen = getattr(self, "aliases_seen", 0) + 1
+            if self.aliases_seen > MAX_YAML_ALIASES:
+                raise ConfigError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name): refused, as an alias "
+                                  "bomb would expand without bound")
+        return super().compose_node(parent, index)
+
+
+def safe_yaml(text: str, where: str = "") -> Any:
+    """Parse YAML with safe types and bounded aliases; errors are ConfigErrors naming `where`."""
+    try:
+        return yaml.load(text, Loader=BoundedLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
+
+
+def read_text(path: Path) -> str:
+    """A config file's text; a binary or unreadable file is a ConfigError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (UTF-8 YAML expected)") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
 class StrictModel(BaseModel):
@@ -29,7 +66,7 @@ class AugmentConfig(StrictModel):
 class SyntheticConfig(StrictModel):
     """Random images and labels of a given shape: for throughput measurements, never for accuracy."""
 
-    image_shape: tuple[int, int, int] = (3, 32, 32)
+    image_shape: tuple[PositiveInt, PositiveInt, PositiveInt] = (3, 32, 32)
     num_classes: int = Field(100, gt=1)
     train_size: int = Field(2048, gt=0)
     test_size: int = Field(512, gt=0)
@@ -42,7 +79,7 @@ class DataConfig(StrictModel):
     val_size: int = Field(0, ge=0, description="training images held out as a validation split")
     train_subset: int | None = Field(None, gt=0, description="use a seeded random subset of the training set")
     test_subset: int | None = Field(None, gt=0, description="use the first N test images")
-    split_seed: int = Field(0, description="seed of the validation split and the subsets")
+    split_seed: int = Field(0, ge=0, lt=2**63, description="seed of the validation split and the subsets")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="used by name: synthetic")
 
@@ -108,7 +145,7 @@ class TrainConfig(StrictModel):
     drop_last: bool = Field(False, description="drop the last partial batch of each epoch")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
     compile: bool = Field(False, description="torch.compile the method")
     channels_last: bool = Field(True, description="channels-last memory format (faster on the 2-core CPU too)")
@@ -159,7 +196,7 @@ class RunConfig(StrictModel):
     name: str | None = Field(None, description="run directory name (one path component); "
                              "default <method>_<student>_<data>_s<seed>")
     output_dir: Path = Path("runs")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="the run's seed (student init, data order, augmentation)")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: ModelConfig | None = None
     student: ModelConfig
@@ -197,7 +234,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], where:
             if close:
                 msg += f"; did you mean {close[0]!r}?"
         elif "input" in e and not isinstance(e["input"], dict):
-            msg += f" (got {e['input']!r})"
+            msg += f" (got {reprlib.repr(e['input'])})"
         lines.append(f"{where}{loc}: {msg}" if loc else f"{where}{msg}")
     return "; ".join(lines)
 
@@ -232,10 +269,7 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {assignment!r}: {part!r} holds a value, not a section")
         node = child
-    try:
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {assignment!r}: value is not valid YAML ({exc.problem})") from exc
+    node[parts[-1]] = safe_yaml(raw, f"--set {assignment!r}: ") if raw.strip() else None
 
 
 BASE_KEY = "base"
@@ -258,7 +292,7 @@ def read_with_bases(path: Path, tree: dict[str, Any], seen: tuple[Path, ...] = (
         raise ConfigError(f"{path}: base {base_path} includes itself")
     if not base_path.is_file():
         raise ConfigError(f"{path}: base config {base_path} does not exist")
-    base = yaml.safe_load(base_path.read_text()) or {}
+    base = safe_yaml(read_text(base_path), f"{base_path}: ") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"{base_path}: expected a mapping of keys at the top level")
     return merge(read_with_bases(base_path, base, (*seen, base_path)), tree)
@@ -268,12 +302,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
     """A YAML config file's keys, its `base:` files resolved."""
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from exc
+    loaded = safe_yaml(read_text(path), f"{path}: ") or {}
     if not isinstance(loaded, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level")
     return read_with_bases(path, loaded)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from distillab.data import load_splits
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_safetensors
-from distillab.errors import CheckpointError
+from distillab.errors import CheckpointError, DistillabError
 from distillab.run import build_method, load_run_config
 
 EXPORT_FILE = "exported_student.safetensors"
@@ -37,6 +37,8 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, overrides:
     `overrides` change fields of the run's config first (e.g. `method.options.fuse_bn=true`, `data.root=...`).
     """
     run_dir = Path(run_dir)
+    if output is not None and Path(output).is_dir():
+        raise DistillabError(f"--output {output} is a directory: name the .safetensors file to write")
     cfg = load_run_config(run_dir, overrides)
     state = load_checkpoint(run_dir / CHECKPOINT_FILE)
     method, _ = build_method(cfg, load_splits(cfg.data))

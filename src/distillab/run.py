@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from rich.console import Console
 from distillab import methods, models
 from distillab.config import RunConfig, dump_config, load_config
 from distillab.data import DataSplits, load_splits
-from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights
+from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights, write_text_atomic
 from distillab.engine.distributed import barrier, init_world
 from distillab.engine.lock import LOCK_FILE, RunLock, RunLockedError
 from distillab.engine.trainer import SUMMARY_FILE, Trainer, resolve_device
@@ -81,8 +82,10 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
                              "start it again from scratch")
     if resume and not exists:
         raise DistillabError(f"{run_dir}: nothing to resume (no such run)")
-    if resume and (run_dir / SUMMARY_FILE).is_file() and not (run_dir / CHECKPOINT_FILE).is_file():
-        raise DistillabError(f"{run_dir} has finished and has no checkpoint to resume from")
+    if resume and not (run_dir / CHECKPOINT_FILE).is_file():
+        why = ("has finished and has no checkpoint" if (run_dir / SUMMARY_FILE).is_file() else
+               "has no checkpoint (it stopped before its first epoch ended)")
+        raise DistillabError(f"{run_dir} {why} to resume from: start it again with --force")
     if exists and force and not resume:
         if run_dir.is_symlink():
             raise DistillabError(f"--force: {run_dir} is a symbolic link; distillab deletes no link targets "
@@ -99,15 +102,58 @@ def holds_a_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.name not in (RUN_MARKER, LOCK_FILE) for p in run_dir.iterdir())
 
 
-def claim_run_dir(run_dir: Path, force: bool) -> RunLock:
-    """Create the run directory with its marker and take its lock; with `force`, first delete the old run
-    (which `check_run_dir` has proved to be one)."""
-    if force and run_dir.is_dir() and (run_dir / RUN_MARKER).is_file() and not run_dir.is_symlink():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(run_dir).acquire()
-    (run_dir / RUN_MARKER).write_text("a distillab run directory: `--force` may delete it and all it holds\n")
+def claim_run_dir(run_dir: Path, force: bool, run_id: str | None = None) -> RunLock:
+    """Create the run directory with its marker (naming `run_id`) and take its lock; with `force`, first delete
+    the old run (which `check_run_dir` has proved to be one). An existing marker is kept."""
+    try:
+        if force and run_dir.is_dir() and (run_dir / RUN_MARKER).is_file() and not run_dir.is_symlink():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir).acquire()
+        if not (run_dir / RUN_MARKER).is_file():
+            (run_dir / RUN_MARKER).write_text("a distillab run directory: `--force` may delete it and all it holds\n"
+                                              f"run_id: {run_id or uuid.uuid4().hex}\n")
+    except OSError as exc:
+        raise DistillabError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from None
     return lock
+
+
+def read_run_id(run_dir: Path) -> str | None:
+    """The run id in a run directory's marker (None for runs made before markers had one)."""
+    marker = run_dir / RUN_MARKER
+    if marker.is_file():
+        for line in marker.read_text(errors="replace").splitlines():
+            if line.startswith("run_id:"):
+                return line.split(":", 1)[1].strip() or None
+    return None
+
+
+# Fields a resume may change: they alter neither the data order, the shapes nor what was trained so far.
+RESUME_MAY_CHANGE = ("name", "output_dir", "data.root", "data.download", "train.epochs", "train.device",
+                     "train.progress", "train.tensorboard", "train.checkpoint_every", "train.log_steps",
+                     "train.eval_batch_size")
+
+
+def resume_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
+    """The fields in which `cfg` differs from the run's saved config; an unsafe change is refused."""
+    try:
+        saved = load_config(run_dir / CONFIG_FILE).model_dump(mode="json")
+    except ConfigError as exc:
+        raise DistillabError(f"{run_dir / CONFIG_FILE}: the run's saved config no longer loads: {exc}") from None
+    changed = _differences(saved, cfg.model_dump(mode="json"))
+    unsafe = [k for k in changed if not any(k == ok or k.startswith(ok + ".") for ok in RESUME_MAY_CHANGE)]
+    if unsafe:
+        raise DistillabError(f"--resume: {', '.join(unsafe)} changed from the run's config.yaml; a resumed run "
+                             "must keep its data, models, method and optimisation (only "
+                             "epochs, device, logging and data.root may change): start a new run instead")
+    return [k for k in changed if k not in ("name", "output_dir")]
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for key in sorted(set(a) | set(b), key=str)
+                for d in _differences(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
 
 
 def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None,
@@ -117,17 +163,24 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
     console = console or Console(quiet=not world.is_main)
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume, force)
+    changed = resume_changes(run_dir, cfg) if resume else []
+    run_id = read_run_id(run_dir) if resume else uuid.uuid4().hex
     data = load_splits(cfg.data)
     method, info = build_method(cfg, data)
+    if run_id is not None:
+        info["run_id"] = run_id
     trainer = Trainer(method, data, cfg.train, seed=cfg.seed, run_dir=run_dir, info=info,
                       augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end)
-    if resume and (run_dir / CHECKPOINT_FILE).is_file():
+    if resume:
         trainer.restore(run_dir / CHECKPOINT_FILE)  # a bad checkpoint is refused before anything is written
     barrier(world)  # every rank has checked the run directory, and all is valid, before rank 0 changes it
-    lock = claim_run_dir(run_dir, force and not resume) if world.is_main else None
+    lock = claim_run_dir(run_dir, force and not resume, run_id) if world.is_main else None
     try:
-        if world.is_main:
-            (run_dir / CONFIG_FILE).write_text(dump_config(cfg))
+        if world.is_main and (changed or not resume):
+            try:
+                write_text_atomic(run_dir / CONFIG_FILE, dump_config(cfg))
+            except OSError as exc:
+                raise DistillabError(f"{exc.strerror or exc} while writing {run_dir / CONFIG_FILE}") from None
         side = method.side_parameter_count()
         console.print(f"[bold]{cfg.run_name}[/]: {cfg.method.name} "
                       f"{cfg.teacher.name + ' -> ' if cfg.teacher else ''}{cfg.student.name} on {cfg.data.name} "

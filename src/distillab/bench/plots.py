@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,10 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from distillab.engine.trainer import METRICS_FILE
+from distillab.engine.trainer import read_metrics
 
 CURVE_PANELS = (("test_acc", "test top-1 accuracy (%)"), ("test_loss", "test cross-entropy"),
                 ("loss", "training objective (each method's own terms)"))
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a run (its metrics.jsonl)."""
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 def curves_of(runs: dict[str, list[Path]]) -> dict[str, dict[str, np.ndarray]]:

@@ -6,10 +6,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.table import Table
 
-from distillab.bench.plots import curves_of, plot_curves, read_metrics
+from distillab.bench.plots import curves_of, plot_curves
+from distillab.config import read_text, safe_yaml
+from distillab.engine.trainer import read_metrics
 from distillab.errors import DistillabError
 from distillab.run import CONFIG_FILE
 
@@ -21,7 +22,7 @@ def describe_run(run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise DistillabError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    cfg = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) or {}
+    cfg = safe_yaml(read_text(run_dir / CONFIG_FILE), f"{run_dir / CONFIG_FILE}: ") or {}
     return {
         "run": run_dir.name,
         "dir": run_dir,

@@ -31,14 +31,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 from rich.console import Console
 from rich.table import Table
 
 from distillab.bench.plots import curves_of, plot_accuracy, plot_curves
 from distillab.bench.stats import paired_difference, summary, verdict
-from distillab.config import RunConfig, StrictModel, dump_config, format_validation_error, load_config
+from distillab.config import (
+    RunConfig,
+    StrictModel,
+    dump_config,
+    format_validation_error,
+    load_config,
+    read_text,
+    safe_yaml,
+)
+from distillab.engine.checkpoint import CHECKPOINT_FILE
 from distillab.engine.lock import RunLock, RunLockedError
 from distillab.engine.trainer import SUMMARY_FILE
 from distillab.errors import ConfigError
@@ -93,11 +101,9 @@ def load_suite(path: Path) -> Suite:
     if not path.is_file():
         raise ConfigError(f"suite file {path} does not exist")
     try:
-        suite = Suite.model_validate(yaml.safe_load(path.read_text()) or {})
+        suite = Suite.model_validate(safe_yaml(read_text(path), f"{path}: ") or {})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, Suite, f"{path}: ")) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if suite.budget is not None and not suite.budget.is_file():
         raise ConfigError(f"{path}: budget: config file {suite.budget} does not exist")
     return suite
@@ -144,7 +150,8 @@ def train_all(configs: dict[Any, RunConfig], console: Console) -> None:
                          f"elapsed{eta})")
             run_start = time.perf_counter()
             try:
-                train_run(cfg, resume=holds_a_run(cfg.run_dir), console=console)
+                resume = (cfg.run_dir / CHECKPOINT_FILE).is_file()
+                train_run(cfg, resume=resume, force=holds_a_run(cfg.run_dir) and not resume, console=console)
             except RunLockedError:  # another process took it between the check and the start
                 deferred.append(key)
                 continue

@@ -37,6 +37,18 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def describe_write_failure(exc: BaseException) -> str:
+    """'no space left on device' and the like, from an OSError or torch's writer's RuntimeError."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    text = str(exc)
+    return "no space left on device" if "No space left" in text or "enforce fail" in text else _first_line(exc)
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read a training checkpoint with `weights_only=True`; a truncated or foreign file is refused."""
     path = Path(path)

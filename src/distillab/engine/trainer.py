@@ -24,9 +24,11 @@ from distillab.data import DataSplits, DeviceLoader
 from distillab.engine.checkpoint import (
     CHECKPOINT_FILE,
     STUDENT_FILE,
+    describe_write_failure,
     load_checkpoint,
     save_checkpoint,
     save_safetensors,
+    write_text_atomic,
 )
 from distillab.engine.cpu_memory import keep_freed_memory
 from distillab.engine.distributed import World, all_reduce_sum, barrier, broadcast_flag, init_world, local_device
@@ -41,6 +43,25 @@ CIFAR_AUGMENT = AugmentConfig(crop_padding=4, flip=True)
 
 
 STEPS_FILE = "steps.jsonl"
+
+
+def read_metrics(run_dir: Path, console: Console | None = None) -> list[dict[str, Any]]:
+    """The per-epoch records of a run (its metrics.jsonl). A torn last line (a run killed mid-write) is
+    skipped with a warning; a bad line before it is an error naming the file and line."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines):
+                raise DistillabError(f"{path}: line {i} is not a JSON record (the file is damaged)") from None
+            (console or Console(stderr=True)).print(f"warning: {path}: skipped a torn last line (a run stopped "
+                                                    "mid-write)")
+    return records
 
 
 class NonFiniteLossError(DistillabError):
@@ -137,6 +158,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self._stop_signal: int | None = None
         self.restored = False
+        self.saved_epoch: int | None = None  # epochs in the last checkpoint written or read
 
     def _check_batch(self, n_train: int) -> int:
         """The per-rank batch: train.batch_size is the global batch, split evenly over the ranks."""
@@ -173,11 +195,16 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "version": distillab.__version__,
+            "run_id": self.info.get("run_id"),
         }
 
     def restore(self, path: Path) -> None:
         """Load a checkpoint (refused with a CheckpointError if corrupt or mismatched); `fit` continues from it."""
         state = load_checkpoint(path)
+        theirs, ours = state.get("run_id"), self.info.get("run_id")
+        if theirs and ours and theirs != ours:
+            raise CheckpointError(f"{path}: belongs to another run (run id {theirs}; this run's is {ours}): "
+                                  "it was copied here from elsewhere")
         try:
             self.method.load_trainable_state_dict(state["method"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -187,25 +214,36 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"])
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.start_epoch = int(state["epoch"])
+        self.start_epoch = self.saved_epoch = int(state["epoch"])
         self.start_step = int(state.get("step", 0))
         self.partial = state.get("partial") or None
-        self.history = [m for m in self._read_metrics() if m["epoch"] <= self.start_epoch]
+        self.history = [m for m in read_metrics(self.run_dir, self.console) if m["epoch"] <= self.start_epoch]
         if self.writes:
             self._rewrite_metrics()
         self.restored = True
         self.console.print(f"resumed {self.run_dir} at epoch {self.start_epoch}/{self.cfg.epochs}"
                            + (f", step {self.start_step}" if self.start_step else ""))
 
-    def _read_metrics(self) -> list[dict[str, Any]]:
-        path = self.run_dir / METRICS_FILE
-        if not path.is_file():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
     def _rewrite_metrics(self) -> None:
-        text = "".join(json.dumps(m) + "\n" for m in self.history)
-        (self.run_dir / METRICS_FILE).write_text(text)
+        with self._writing(self.run_dir / METRICS_FILE):
+            write_text_atomic(self.run_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in self.history))
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path):
+        """A failed write (full disk, read-only folder) stops the run with one line; what was written before
+        (the last good checkpoint above all) is kept, since every file is written atomically."""
+        try:
+            yield
+        except (OSError, RuntimeError) as exc:
+            kept = (f"the last good checkpoint, epoch {self.saved_epoch}, is kept" if self.saved_epoch is not None
+                    else "no checkpoint had been written yet")
+            raise DistillabError(f"{describe_write_failure(exc)} while writing {path}; {kept}") from None
+
+    def _save_checkpoint(self, epoch: int, step: int = 0, partial: dict[str, Any] | None = None) -> None:
+        path = self.run_dir / CHECKPOINT_FILE
+        with self._writing(path):
+            save_checkpoint(self._state(epoch, step, partial), path)
+        self.saved_epoch = epoch
 
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> dict[str, Any]:
@@ -217,6 +255,10 @@ class Trainer:
         ckpt = self.run_dir / CHECKPOINT_FILE if self.run_dir else None
         if resume and not self.restored and ckpt is not None and ckpt.is_file():
             self.restore(ckpt)
+        done = self.run_dir / SUMMARY_FILE if self.run_dir else None
+        if self.restored and self.start_epoch >= self.cfg.epochs and not self.start_step and done and done.is_file():
+            self.console.print(f"{self.run_dir} has already finished its {self.cfg.epochs} epochs: nothing to do")
+            return json.loads(done.read_text())  # a finished run resumed with no new epochs changes nothing
         if self.writes:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         writer = self._tensorboard()
@@ -230,10 +272,10 @@ class Trainer:
                     self.history.append(record)
                     self._print_epoch(record)
                     if self.writes:
-                        with open(self.run_dir / METRICS_FILE, "a") as f:
+                        with self._writing(self.run_dir / METRICS_FILE), open(self.run_dir / METRICS_FILE, "a") as f:
                             f.write(json.dumps(record) + "\n")
                         if (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs:
-                            save_checkpoint(self._state(epoch + 1), ckpt)
+                            self._save_checkpoint(epoch + 1)
                     if writer is not None:
                         for key, value in record.items():
                             if isinstance(value, (int, float)) and key != "epoch":
@@ -246,9 +288,11 @@ class Trainer:
                 writer.close()
         summary = self._summary(time.perf_counter() - started)
         if self.writes:
-            save_safetensors(self.method.deploy_student(), self.run_dir / STUDENT_FILE,
-                             metadata={"model": str(self.info.get("student", ""))})
-            (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            with self._writing(self.run_dir / STUDENT_FILE):
+                save_safetensors(self.method.deploy_student(), self.run_dir / STUDENT_FILE,
+                                 metadata={"model": str(self.info.get("student", ""))})
+            with self._writing(self.run_dir / SUMMARY_FILE):
+                write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         barrier(self.world)
         return summary
 
@@ -284,7 +328,7 @@ class Trainer:
         where = "no run directory, nothing saved"
         if self.run_dir is not None:
             if self.writes:
-                save_checkpoint(self._state(epoch, step, partial), self.run_dir / CHECKPOINT_FILE)
+                self._save_checkpoint(epoch, step, partial)
             where = f"checkpoint written; resume with: distillab train --resume {self.run_dir}"
         barrier(self.world)
         raise TrainingStopped(f"stopped by {signal.Signals(signum).name} at epoch {epoch + 1}, step {step}: "

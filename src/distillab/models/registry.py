@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from distillab.errors import UnknownNameError
+from distillab.errors import ConfigError, UnknownNameError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -37,7 +37,12 @@ def build(name: str, num_classes: int = 100, in_channels: int = 3, **kwargs) -> 
         close = difflib.get_close_matches(name, _MODELS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise UnknownNameError(f"unknown model {name!r}{hint} (see `distillab models`)")
-    return _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    try:
+        return _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except TypeError as exc:
+        if kwargs and "argument" in str(exc):
+            raise ConfigError(f"model {name!r} does not take the kwargs {sorted(kwargs)}: {exc}") from None
+        raise
 
 
 def _load_zoo() -> None:
