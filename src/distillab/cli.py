@@ -28,11 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     except DistillabError as exc:
         if args.debug:
             raise
-        print(f"distillab: error: {exc}", file=sys.stderr)
+        print(f"distillab: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distillab: interrupted", file=sys.stderr)
         return 130
+
+
+def one_line(text: str) -> str:
+    """An error message on one line, whatever it quotes (YAML marks, nested messages)."""
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _parser() -> argparse.ArgumentParser:
