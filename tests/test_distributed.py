@@ -94,6 +94,21 @@ def test_torchrun_launches_the_cli_with_two_processes(tmp_path):
     assert proc.stdout.count("epoch 1/1") == 1  # rank 0 prints alone
 
 
+def test_a_bad_batch_under_torchrun_is_one_line_from_rank_0(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"output_dir: {tmp_path}\nname: odd\nstudent: {{name: resnet8}}\nmethod: {{name: ce}}\n"
+                   "data: {name: digits, val_size: 137, train_subset: 600}\n"
+                   "train: {epochs: 1, batch_size: 63, progress: false}\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", "-m", "distillab", "train", str(cfg)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if "distillab: error:" in line]
+    assert len(ours) == 1 and "must be divisible by the 2 processes" in ours[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr.split("distillab: error:")[0]  # no rank's traceback before it
+
+
 def test_memory_bank_method_refuses_data_parallel_training(monkeypatch):
     from distillab import methods, models
     from distillab.data import load_digits

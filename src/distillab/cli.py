@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     except DistillabError as exc:
         if args.debug:
             raise
-        print(f"distillab: error: {one_line(str(exc))}", file=sys.stderr)
+        from distillab.engine.distributed import world_from_env
+
+        if world_from_env().is_main:  # under torchrun every rank fails alike: rank 0 says it once
+            print(f"distillab: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("distillab: interrupted", file=sys.stderr)
