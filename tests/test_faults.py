@@ -1,5 +1,6 @@
 """Faults and bad input: kill -9, SIGTERM, corrupt checkpoints, NaN losses, and one-line errors."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -78,6 +79,8 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(tmp_path, refere
     assert not (run_dir / "summary.json").exists()  # it really died mid-run
     resume(run_dir)
     assert_same_weights(final_weights(run_dir), reference)
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4, 5, 6]  # no epoch recorded twice
 
 
 def test_sigterm_writes_a_resumable_checkpoint(tmp_path, reference):

@@ -88,3 +88,12 @@ def test_a_file_in_place_of_the_run_directory_is_an_error(layout, capsys):
     assert main(["train", str(config), *TINY, "--set", "name=other_run.txt", "--force"]) == 2
     assert "is a file" in one_line_error(capsys)
     assert (runs / "other_run.txt").read_text() == "keep me too"
+
+
+def test_demo_never_deletes_a_directory_in_its_way(tmp_path, capsys):
+    teacher = tmp_path / "demo" / "teacher"
+    teacher.mkdir(parents=True)
+    (teacher / "student.safetensors").write_text("someone's trained teacher")
+    assert main(["demo", "--output-dir", str(tmp_path / "demo"), "--seeds", "1"]) == 2
+    assert "already exists" in one_line_error(capsys)
+    assert (teacher / "student.safetensors").read_text() == "someone's trained teacher"

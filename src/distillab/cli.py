@@ -87,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train a teacher and distil students on scikit-learn's digits (~1 min)")
     p.add_argument("--output-dir", type=Path, default=Path("runs/demo"))
     p.add_argument("--seeds", type=int, default=3, help="student runs per method")
+    p.add_argument("--force", action="store_true", help="train the demo's runs again (finished ones are reused)")
     _debug_flag(p)
     p.set_defaults(func=_demo)
 
@@ -233,7 +234,7 @@ def _export(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from distillab.demo import run_demo
 
-    run_demo(args.output_dir, seeds=args.seeds)
+    run_demo(args.output_dir, seeds=args.seeds, force=args.force)
     return 0
 
 

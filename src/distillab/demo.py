@@ -6,6 +6,7 @@ reports last-epoch test accuracy (mean +- std over seeds when there are several)
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from pathlib import Path
@@ -15,7 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from distillab.config import RunConfig
-from distillab.run import train_run
+from distillab.engine.trainer import SUMMARY_FILE
+from distillab.run import CONFIG_FILE, same_config, train_run
 
 TEACHER = "resnet32"
 STUDENT = "resnet8"
@@ -46,17 +48,24 @@ def demo_configs(output_dir: Path, seeds: int = 1) -> tuple[RunConfig, list[RunC
     return teacher, students
 
 
-def run_demo(output_dir: Path = Path("runs/demo"), seeds: int = 3, console: Console | None = None) -> Table:
-    """Run the demo (runs in `output_dir` are started afresh) and print its table."""
+def run_demo(output_dir: Path = Path("runs/demo"), seeds: int = 3, console: Console | None = None,
+             force: bool = False) -> Table:
+    """Run the demo and print its table. A finished run of the same config in `output_dir` is reused; any other
+    run directory in the way is an error unless `force` (then the demo's runs are trained again)."""
     console = console or Console()
     teacher_cfg, student_cfgs = demo_configs(Path(output_dir), seeds)
     start = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
     for label, cfg in [("teacher", teacher_cfg), *((c.method.name, c) for c in student_cfgs)]:
-        with console.status(f"training {cfg.run_name} ({cfg.student.name}, {cfg.method.name})"):
-            summary = train_run(cfg, force=True, console=Console(quiet=True))
+        done = cfg.run_dir / SUMMARY_FILE
+        if not force and done.is_file() and same_config(cfg.run_dir / CONFIG_FILE, cfg):
+            summary, how = json.loads(done.read_text()), "reused"
+        else:
+            with console.status(f"training {cfg.run_name} ({cfg.student.name}, {cfg.method.name})"):
+                summary = train_run(cfg, force=force, console=Console(quiet=True))
+            how = f"{summary['wall_time_s']:.1f} s"
         console.print(f"{cfg.run_name:>14}: {cfg.student.name} {cfg.method.name}, test {summary['test_acc']:.2f}%, "
-                      f"{summary['wall_time_s']:.1f} s")
+                      f"{how}")
         results.setdefault(label, []).append(summary)
 
     table = Table(title=f"demo: {TEACHER} -> {STUDENT} on digits\nlast-epoch top-1, mean ± std of {seeds} seed(s)")

@@ -192,6 +192,15 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
             lock.release()
 
 
+def same_config(saved: Path, cfg: RunConfig) -> bool:
+    """Whether a run's saved config describes `cfg`, read with today's defaults (so that a field added to
+    the schema after the run was made does not count as a difference)."""
+    try:
+        return dump_config(load_config(saved)) == dump_config(cfg)
+    except ConfigError:
+        return False
+
+
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
     """The config a run was started with, placed in `run_dir` (so a moved run resumes where it is)."""
     run_dir = Path(run_dir)

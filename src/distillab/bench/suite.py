@@ -40,7 +40,6 @@ from distillab.bench.stats import paired_difference, summary, verdict
 from distillab.config import (
     RunConfig,
     StrictModel,
-    dump_config,
     format_validation_error,
     load_config,
     read_text,
@@ -50,7 +49,7 @@ from distillab.engine.checkpoint import CHECKPOINT_FILE
 from distillab.engine.lock import RunLock, RunLockedError
 from distillab.engine.trainer import SUMMARY_FILE
 from distillab.errors import ConfigError
-from distillab.run import CONFIG_FILE, holds_a_run, train_run
+from distillab.run import CONFIG_FILE, holds_a_run, same_config, train_run
 
 MAX_GRID_POINTS = 4  # every tuned method gets the same small budget: at most 4 settings x the tuning seeds
 WAIT_S = 10.0
@@ -129,7 +128,7 @@ def train_all(configs: dict[Any, RunConfig], console: Console) -> None:
     """Train every config without a summary, skipping (then waiting for) runs another process holds."""
     for cfg in configs.values():
         saved = cfg.run_dir / CONFIG_FILE
-        if saved.is_file() and not _same_config(saved, cfg):
+        if saved.is_file() and not same_config(saved, cfg):
             raise ConfigError(f"{cfg.run_dir} exists but was made from another config than the suite's entry "
                               f"{cfg.run_name!r}: rename the entry or move the run")
     todo = [key for key, cfg in configs.items() if not (cfg.run_dir / SUMMARY_FILE).is_file()]
@@ -161,15 +160,6 @@ def train_all(configs: dict[Any, RunConfig], console: Console) -> None:
             console.print(f"waiting for {len(todo)} run(s) that another process is training: "
                           + ", ".join(configs[k].run_name for k in todo))
             time.sleep(WAIT_S)
-
-
-def _same_config(saved: Path, cfg: RunConfig) -> bool:
-    """Whether a run's saved config describes `cfg`, read with today's defaults (so that a field added to
-    the schema after the run was made does not count as a difference)."""
-    try:
-        return dump_config(load_config(saved)) == dump_config(cfg)
-    except ConfigError:
-        return False
 
 
 def _finished(cfg: RunConfig) -> dict[str, Any] | None:
