@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 from rich.console import Console
 from rich.table import Table
 
-from distillab.bench.plots import read_metrics
+from distillab.engine.trainer import read_metrics
 
 
 def main() -> None:
@@ -48,7 +48,8 @@ def main() -> None:
                       f"{statistics.mean(val) - longest:+.2f}", f"{row['test_acc']['mean']:.2f}")
         left.plot([epochs] * len(val), val, "o", color="tab:blue", alpha=0.5)
         left.plot([epochs] * len(val), row["per_seed_test_acc"], "x", color="tab:orange", alpha=0.5)
-        curves = [[r["val_acc"] for r in read_metrics(args.runs / f"{label}_s{s}")] for s in row["seeds"]]
+        curves = [[r["val_acc"] for r in read_metrics(args.runs / f"{label}_s{s}") if "val_acc" in r]
+                  for s in row["seeds"]]
         curves = [c for c in curves if c]
         if curves:
             n = min(len(c) for c in curves)

@@ -148,3 +148,15 @@ def test_a_binary_config_file_is_one_line(tmp_path, capsys):
 def test_export_to_an_existing_directory_is_one_line(finished, tmp_path, capsys):
     assert main(["export", str(finished), "--output", str(tmp_path)]) == 2
     assert "is a directory" in one_line(capsys)
+
+
+def test_eval_every_evaluates_on_its_epochs_and_always_the_last(tmp_path):
+    cfg = write_config(tmp_path, "sparse", RUN.replace("epochs: 2,", "epochs: 5, eval_every: 2,"))
+    assert main(["train", str(cfg)]) == 0
+    run_dir = tmp_path / "runs" / "sparse"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [("test_acc" in r, "val_acc" in r) for r in records] == [(False, False), (True, True), (False, False),
+                                                                    (True, True), (True, True)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_acc"] == records[-1]["test_acc"] and summary["best_val"]["epoch"] in (2, 4, 5)
+    assert main(["report", str(run_dir), "--output", str(tmp_path / "r.png")]) == 0

@@ -153,6 +153,8 @@ class TrainConfig(StrictModel):
     tensorboard: bool = False
     progress: bool = Field(True, description="rich progress bar")
     checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints")
+    eval_every: int = Field(1, gt=0, description="epochs between val/test evaluations; the last epoch is "
+                            "always evaluated")
     log_steps: bool = Field(False, description="write steps.jsonl: every step's loss terms (a sync per step)")
     sync_bn: bool = Field(False, description="SyncBatchNorm across data-parallel ranks (CUDA only)")
     find_unused_parameters: bool = Field(False, description="DDP option for methods with parameters unused "

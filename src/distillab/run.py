@@ -130,7 +130,7 @@ def read_run_id(run_dir: Path) -> str | None:
 
 # Fields a resume may change: they alter neither the data order, the shapes nor what was trained so far.
 RESUME_MAY_CHANGE = ("name", "output_dir", "data.root", "data.download", "train.epochs", "train.device",
-                     "train.progress", "train.tensorboard", "train.checkpoint_every", "train.log_steps",
+                     "train.progress", "train.tensorboard", "train.checkpoint_every", "train.eval_every", "train.log_steps",
                      "train.eval_batch_size")
 
 

@@ -37,6 +37,8 @@ def plot_curves(curves: dict[str, dict[str, np.ndarray]], title: str, out: Path)
         for label, metrics in curves.items():
             values = metrics[key]
             epochs = np.arange(1, values.shape[1] + 1)
+            measured = ~np.isnan(values).any(0)  # epochs without an evaluation (train.eval_every) are skipped
+            values, epochs = values[:, measured], epochs[measured]
             mean = values.mean(0)
             std = values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
             ax.plot(epochs, mean, marker="o", markersize=3, label=label)

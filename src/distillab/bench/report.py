@@ -40,10 +40,11 @@ def report_table(runs: list[dict[str, Any]]) -> Table:
         table.add_column(col, justify="left" if col in ("run", "method", "teacher→student") else "right")
     for r in runs:
         last = r["records"][-1] if r["records"] else {}
+        evaluated = next((x for x in reversed(r["records"]) if "test_acc" in x), {})  # train.eval_every > 1
         best = max((x for x in r["records"] if "val_acc" in x), key=lambda x: x["val_acc"], default=None)
         table.add_row(
             r["run"], r["method"], f"{r['teacher']}→{r['student']}" if r["teacher"] else r["student"],
-            f"{last.get('epoch', 0)}/{r['epochs']}", _pct(last.get("test_acc")), _pct(last.get("val_acc")),
+            f"{last.get('epoch', 0)}/{r['epochs']}", _pct(evaluated.get("test_acc")), _pct(evaluated.get("val_acc")),
             f"{best['test_acc']:.2f} ({best['epoch']})" if best else "-",
             f"{last['images_per_s']:,.0f}" if "images_per_s" in last else "-")
     return table

@@ -388,7 +388,8 @@ class Trainer:
         record["train_acc"] = 100.0 * totals[0] / totals[1]
         record["images_per_s"] = totals[1] / elapsed
         record["epoch_time_s"] = elapsed
-        for split in self.eval_loaders:  # val (when held out), then test
+        evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
+        for split in self.eval_loaders if evaluate else ():  # val (when held out), then test
             result = self._eval(method.student, split)
             record[f"{split}_acc"], record[f"{split}_loss"] = result["acc"], result["loss"]
         return record
@@ -453,8 +454,9 @@ class Trainer:
     def _print_epoch(self, r: dict[str, Any]) -> None:
         terms = " ".join(f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("loss_"))
         val = f" val {r['val_acc']:.2f}%" if "val_acc" in r else ""
+        test = f" test {r['test_acc']:.2f}%" if "test_acc" in r else ""
         self.console.print(f"epoch {r['epoch']}/{self.cfg.epochs} loss {r['loss']:.3f} ({terms}) "
-                           f"train {r['train_acc']:.2f}%{val} test {r['test_acc']:.2f}% "
+                           f"train {r['train_acc']:.2f}%{val}{test} "
                            f"lr {r['lr']:.3g} {r['images_per_s']:,.0f} img/s")
 
     def _tensorboard(self):
@@ -482,7 +484,7 @@ class Trainer:
             "train_acc": last.get("train_acc"),
             "best_val": ({"epoch": best_val["epoch"], "val_acc": best_val["val_acc"],
                           "test_acc": best_val["test_acc"]} if best_val else None),
-            "best_epoch_test_acc": max((r["test_acc"] for r in self.history), default=None),
+            "best_epoch_test_acc": max((r["test_acc"] for r in self.history if "test_acc" in r), default=None),
             "images_per_s": (sum(r["images_per_s"] for r in self.history) / len(self.history)
                              if self.history else None),
             "student_params": sum(p.numel() for p in student.parameters()),
