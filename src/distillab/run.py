@@ -130,8 +130,8 @@ def read_run_id(run_dir: Path) -> str | None:
 
 # Fields a resume may change: they alter neither the data order, the shapes nor what was trained so far.
 RESUME_MAY_CHANGE = ("name", "output_dir", "data.root", "data.download", "train.epochs", "train.device",
-                     "train.progress", "train.tensorboard", "train.checkpoint_every", "train.eval_every", "train.log_steps",
-                     "train.eval_batch_size")
+                     "train.progress", "train.tensorboard", "train.checkpoint_every", "train.eval_every",
+                     "train.log_steps", "train.eval_batch_size")
 
 
 def resume_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
