@@ -307,6 +307,12 @@ def test_search_then_distil_through_the_cli(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["search", str(config), "--set", "method.name=kd"]) == 2
     assert "has no search stage" in capsys.readouterr().err
+    before = (run / "aggregation.json").read_bytes()
+    for bad in ("teacher.checkpoint=/nonexistent.safetensors", "method.options.search.beta_lr=-1",
+                "data.train_subset=99999"):  # --force with a broken config keeps the old search
+        assert main(["search", str(config), "--force", "--set", bad]) == 2
+        assert capsys.readouterr().err.startswith("distillab: error:")
+        assert (run / "aggregation.json").read_bytes() == before
 
     assert main(["train", str(config), "--set", "name=distil",
                  "--set", f"method.options.weights={run / 'aggregation.json'}"]) == 0
