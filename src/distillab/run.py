@@ -104,13 +104,13 @@ def holds_a_run(run_dir: Path) -> bool:
 
 def claim_run_dir(run_dir: Path, force: bool, run_id: str | None = None) -> RunLock:
     """Create the run directory with its marker (naming `run_id`) and take its lock; with `force`, first delete
-    the old run (which `check_run_dir` has proved to be one). An existing marker is kept."""
+    the old run (which `check_run_dir` has proved to be one). A marker that names a run id is kept."""
     try:
         if force and run_dir.is_dir() and (run_dir / RUN_MARKER).is_file() and not run_dir.is_symlink():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(run_dir).acquire()
-        if not (run_dir / RUN_MARKER).is_file():
+        if read_run_id(run_dir) is None:  # new, or made before markers named their run
             (run_dir / RUN_MARKER).write_text("a distillab run directory: `--force` may delete it and all it holds\n"
                                               f"run_id: {run_id or uuid.uuid4().hex}\n")
     except OSError as exc:
@@ -164,11 +164,10 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
     run_dir = cfg.run_dir
     check_run_dir(run_dir, resume, force)
     changed = resume_changes(run_dir, cfg) if resume else []
-    run_id = read_run_id(run_dir) if resume else uuid.uuid4().hex
+    run_id = (read_run_id(run_dir) if resume else None) or uuid.uuid4().hex
     data = load_splits(cfg.data)
     method, info = build_method(cfg, data)
-    if run_id is not None:
-        info["run_id"] = run_id
+    info["run_id"] = run_id
     trainer = Trainer(method, data, cfg.train, seed=cfg.seed, run_dir=run_dir, info=info,
                       augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end)
     if resume:
