@@ -175,3 +175,21 @@ def test_training_into_a_locked_run_directory_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is in use by pid" in err and err.count("\n") == 1
     assert main(["train", str(cfg)]) == 0  # free again
+
+
+def test_the_shipped_teacher_loads_and_matches_the_budgets_sha256(monkeypatch):
+    from pathlib import Path
+
+    from distillab import models
+    from distillab.engine.checkpoint import load_weights
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # suites name their files relative to the repository root
+    budget = yaml.safe_load((root / "configs/fashion_mnist/_converged.yaml").read_text())
+    teacher = models.build(budget["teacher"]["name"], num_classes=10, in_channels=1)
+    digest = load_weights(teacher, root / budget["teacher"]["checkpoint"], "teacher")
+    assert digest == budget["teacher"]["sha256"]
+    summary = json.loads((root / budget["teacher"]["checkpoint"] / "summary.json").read_text())
+    assert summary["student"] == budget["teacher"]["name"] and summary["dataset"] == "fashion_mnist"
+    suite = load_suite(root / "suites/fashion_mnist_leaderboard.yaml")  # the leaderboard validates as shipped
+    assert suite.reference == "kd" and suite.budget == Path("configs/fashion_mnist/_converged.yaml")
