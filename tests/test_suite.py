@@ -136,6 +136,7 @@ def test_tuning_picks_by_validation_accuracy_and_applies_the_choice(tmp_path):
             summary = json.loads(path.read_text())
             path.write_text(json.dumps({**summary, "val_acc": val + seed, "test_acc": test}))
     assert tune_suite(suite, train=False) == {"ce_smooth": ["method.options.label_smoothing=0.2"]}
+    assert main(["bench", "tune", str(suite_file)]) == 0  # the command: every tuning run is finished already
     record = json.loads((tmp_path / "results" / "paired_tuning.json").read_text())
     assert record["ce_smooth"]["chosen"] == 1
     assert record["ce_smooth"]["rows"][1]["val_acc"]["mean"] == pytest.approx(67.5)
@@ -153,6 +154,8 @@ def test_tuning_grids_are_small_and_name_real_labels(tmp_path):
     suite_file, _ = write_suite(tmp_path, "tune:\n  grids:\n    kd: {method.options.alpha: [0.5]}\n")
     with pytest.raises(ConfigError, match="'kd' is not a label"):
         load_suite(suite_file)
+    suite_file, _ = write_suite(tmp_path)
+    assert main(["bench", "tune", str(suite_file)]) == 2  # nothing to tune
 
 
 def test_run_lock_names_its_holder_and_is_free_after_release(tmp_path):
