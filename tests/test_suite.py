@@ -6,7 +6,7 @@ import yaml
 
 from distillab.bench.plots import curves_of
 from distillab.bench.report import report
-from distillab.bench.stats import paired_difference
+from distillab.bench.stats import paired_difference, verdict
 from distillab.bench.suite import load_suite, run_suite, tune_suite
 from distillab.cli import main
 from distillab.engine.lock import RunLock, RunLockedError
@@ -86,6 +86,7 @@ def test_paired_difference_matches_a_hand_computation():
     assert paired_difference({0: 1.0}, {1: 2.0}) is None
     single = paired_difference({0: 1.0}, {0: 0.5})
     assert single["ci_low"] is None and not single["significant"]
+    assert [verdict(x) for x in (d, noisy, single)] == ["better", "tie", "one seed"]
 
 
 def test_suite_pairs_every_run_with_the_reference_by_seed(tmp_path):

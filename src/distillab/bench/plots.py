@@ -89,7 +89,7 @@ def plot_accuracy(results: dict[str, Any], out: Path) -> Path:
     return _save(fig, out)
 
 
-VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "tie": "tab:gray"}
+VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "tie": "tab:gray", "one seed": "tab:gray"}
 
 
 def _plot_paired(ax, y: np.ndarray, labels: list[str], diffs: dict[str, Any], ref: str) -> None:

@@ -40,7 +40,9 @@ def paired_difference(values: dict[int, float], reference: dict[int, float]) -> 
 
 
 def verdict(diff: dict | None) -> str:
-    """'better', 'worse' or 'tie' (interval contains 0, or too few seeds for one)."""
-    if diff is None or not diff["significant"]:
+    """'better', 'worse', 'tie' (the interval contains 0) or 'one seed' (no interval yet)."""
+    if diff is None or diff["ci_low"] is None:
+        return "one seed"
+    if not diff["significant"]:
         return "tie"
     return "better" if diff["mean"] > 0 else "worse"
