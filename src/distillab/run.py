@@ -51,7 +51,7 @@ def build_models(cfg: RunConfig, data: DataSplits, with_teacher: bool = True
 
 
 def check_teacher_weights(teacher: torch.nn.Module, where: Path) -> None:
-    """A teacher's floating-point tensors must be finite, and its weights must be floating point."""
+    """A teacher's floating-point tensors must be finite (dtypes are checked as the weights load)."""
     for name, tensor in teacher.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise CheckpointError(f"teacher weights {where}: {name!r} holds NaN or infinite values")
