@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import yaml
@@ -9,6 +10,7 @@ from distillab.bench.report import report
 from distillab.bench.stats import paired_difference, verdict
 from distillab.bench.suite import load_suite, run_suite, tune_suite
 from distillab.cli import main
+from distillab.engine.checkpoint import CHECKPOINT_FILE
 from distillab.engine.lock import RunLock, RunLockedError
 from distillab.errors import ConfigError, DistillabError
 
@@ -41,6 +43,25 @@ def test_suite_of_two_methods_two_seeds_aggregates_and_resumes(tmp_path):
     assert (tmp_path / "runs" / "ce_s0" / "summary.json").stat().st_mtime == mtime
     suite_file.write_text(suite_file.read_text().replace("label_smoothing=0.1", "label_smoothing=0.2"))
     with pytest.raises(ConfigError, match="made from another config"):
+        run_suite(load_suite(suite_file), seeds=2)
+
+
+def test_a_fresh_clone_restores_finished_runs_from_the_committed_records(tmp_path):
+    suite_file, _ = write_suite(tmp_path)
+    first = run_suite(load_suite(suite_file), seeds=2)
+    records = tmp_path / "results" / "paired_runs"
+    assert sorted(p.name for p in records.iterdir()) == ["ce_s0", "ce_s1", "ce_smooth_s0", "ce_smooth_s1"]
+    assert sorted(p.name for p in (records / "ce_s0").iterdir()) == [
+        ".distillab-run", "config.yaml", "metrics.jsonl", "summary.json"]  # no checkpoint: small enough to commit
+    shutil.rmtree(tmp_path / "runs")  # what a fresh clone lacks
+    again = run_suite(load_suite(suite_file), seeds=2)
+    assert again["runs"] == first["runs"]
+    assert not (tmp_path / "runs" / "ce_s0" / CHECKPOINT_FILE).exists()  # restored, not retrained
+    restored = tmp_path / "runs" / "ce_s0" / "summary.json"
+    assert restored.read_text() == (records / "ce_s0" / "summary.json").read_text()
+    shutil.rmtree(tmp_path / "runs")
+    suite_file.write_text(suite_file.read_text().replace("label_smoothing=0.3", "label_smoothing=0.1"))
+    with pytest.raises(ConfigError, match="paired_runs/ce_smooth_s0 was made from another config"):
         run_suite(load_suite(suite_file), seeds=2)
 
 

@@ -20,6 +20,11 @@ summary.json) are skipped, so an interrupted suite resumes where it stopped; a r
 training (its run lock is held) is left to that process and waited for at the end, so two `bench suite`
 processes on one suite share its runs. Suites sharing an output directory share the runs they have in
 common (same label, same config); a label whose existing run was made from a different config is an error.
+
+Run directories hold checkpoints and are not committed, so each finished run also leaves a small record
+(config, summary, metrics, marker) under `<results_dir>/<name>_runs/<run>/`. A run whose directory is missing
+but whose record has the same config is restored from the record rather than retrained: a suite committed
+half-way resumes in a fresh clone.
 """
 
 from __future__ import annotations
@@ -45,11 +50,13 @@ from distillab.config import (
     read_text,
     safe_yaml,
 )
-from distillab.engine.checkpoint import CHECKPOINT_FILE
+from distillab.engine.checkpoint import CHECKPOINT_FILE, write_text_atomic
 from distillab.engine.lock import RunLock, RunLockedError
-from distillab.engine.trainer import SUMMARY_FILE
+from distillab.engine.trainer import METRICS_FILE, SUMMARY_FILE
 from distillab.errors import ConfigError
-from distillab.run import CONFIG_FILE, holds_a_run, same_config, train_run
+from distillab.run import CONFIG_FILE, RUN_MARKER, holds_a_run, same_config, train_run
+
+RECORD_FILES = (RUN_MARKER, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)  # SUMMARY_FILE last: written last, read first
 
 MAX_GRID_POINTS = 4  # every tuned method gets the same small budget: at most 4 settings x the tuning seeds
 WAIT_S = 10.0
@@ -124,6 +131,39 @@ def entry_config(suite: Suite, label: str, seed: int, extra: list[str] = (), nam
                                       f"name={name or label}_s{seed}"], layers=[suite.budget] if suite.budget else [])
 
 
+def records_dir(suite: Suite) -> Path:
+    return suite.results_dir / f"{suite.name}_runs"
+
+
+def save_record(suite: Suite, cfg: RunConfig) -> None:
+    """Copy a finished run's small files into the suite's records (unchanged files are left alone)."""
+    out = records_dir(suite) / cfg.run_name
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RECORD_FILES:
+        text = (cfg.run_dir / name).read_text()
+        if not (out / name).is_file() or (out / name).read_text() != text:
+            write_text_atomic(out / name, text)
+
+
+def restore_records(suite: Suite, configs: dict[Any, RunConfig], console: Console) -> None:
+    """Recreate, from the suite's records, each finished run whose directory is gone; a record made from a
+    different config than the entry's is an error, like such a run directory."""
+    restored = 0
+    for cfg in configs.values():
+        record = records_dir(suite) / cfg.run_name
+        if holds_a_run(cfg.run_dir) or not (record / SUMMARY_FILE).is_file():
+            continue
+        if not same_config(record / CONFIG_FILE, cfg):
+            raise ConfigError(f"{record} was made from another config than the suite's entry {cfg.run_name!r}: "
+                              "rename the entry or delete the record")
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in RECORD_FILES:
+            write_text_atomic(cfg.run_dir / name, (record / name).read_text())
+        restored += 1
+    if restored:
+        console.print(f"restored {restored} finished run(s) from {records_dir(suite)}")
+
+
 def train_all(configs: dict[Any, RunConfig], console: Console) -> None:
     """Train every config without a summary, skipping (then waiting for) runs another process holds."""
     for cfg in configs.values():
@@ -179,8 +219,12 @@ def tune_suite(suite: Suite, labels: list[str] | None = None, console: Console |
     configs = {(label, i, seed): entry_config(suite, label, seed, overrides_of(point), f"{label}_tune{i}")
                for label, grid in grids.items() for i, point in enumerate(grid_points(grid))
                for seed in suite.tune.seeds}
+    restore_records(suite, configs, console)
     if train:
         train_all(configs, console)
+    for cfg in configs.values():
+        if _finished(cfg) is not None:
+            save_record(suite, cfg)
     chosen, record = {}, {}
     for label, grid in grids.items():
         rows = []
@@ -213,9 +257,12 @@ def run_suite(suite: Suite, seeds: int, console: Console | None = None, only: li
     pending = [k for k in labels if suite.tune and k in suite.tune.grids and k not in tuned]
     configs = {(label, seed): entry_config(suite, label, seed, tuned.get(label, []))
                for label in suite.runs if label not in pending for seed in range(seeds)}  # all validated first
+    restore_records(suite, configs, console)
     if train:
         train_all({k: c for k, c in configs.items() if k[0] in labels}, console)
     summaries = {k: s for k, c in configs.items() if (s := _finished(c)) is not None}
+    for key in summaries:
+        save_record(suite, configs[key])
     if not summaries:
         raise ConfigError(f"{suite.name}: no finished runs to aggregate yet")
     results = aggregate(suite, summaries, tuned, seeds)
