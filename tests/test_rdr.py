@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from functools import cache
@@ -255,12 +256,67 @@ def test_start_is_detached_so_only_the_prediction_term_has_a_gradient():
     t = torch.randn(2, 3, 4, 4, generator=g)
     h = [torch.randn(2, 3, 4, 4, generator=g, requires_grad=True) for _ in range(4)]
     abar, weights = abar_schedule(4), [0.1, 0.2, 0.3, 0.4]
-    targets = step_targets(t, trajectory_start(h[0]), abar, "vp")
+    targets = step_targets(t, trajectory_start(h[0], "student"), abar, "vp")
     progressive_loss(h, targets, weights).backward()
     # target_1 = √ā_1·t + √(1−ā_1)·h_1 (constant), so dL/dh_1 = w_1·2(h_1 − target_1)/numel and nothing more
     target_1 = 0.5 * t + math.sqrt(0.75) * h[0].detach()
     torch.testing.assert_close(h[0].grad, 0.1 * 2 * (h[0].detach() - target_1) / h[0].numel())
     assert all(not target.requires_grad for target in targets)
+
+
+def optimum(start: str, mix: str, schedule: str = "linear", steps: int = 4, iters: int = 3000) -> list[float]:
+    """Gradient descent on free tensors h_1..h_K standing in for the bridged partial sums, with the method's own
+    start, targets and loss; returns ||h_k - t|| / ||t|| at the end (averaged over the last third of the
+    iterations, with a decaying step, so that a noisy target gives its expectation)."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(16, 32, generator=g)
+    h = [(0.1 * torch.randn(16, 32, generator=g)).requires_grad_() for _ in range(steps)]
+    abar, weights = abar_schedule(steps, schedule), [1.0 / steps] * steps
+    torch.manual_seed(0)
+    average = [torch.zeros_like(t) for _ in h]
+    for i in range(iters):
+        loss = progressive_loss(h, step_targets(t, trajectory_start(h[0], start), abar, mix), weights)
+        grads = torch.autograd.grad(loss, h)
+        lr = t.numel() * steps / 2 * min(0.5, 20 / (i + 1))  # a step of half the way to the target, then decaying
+        with torch.no_grad():
+            for k, (x, dx) in enumerate(zip(h, grads, strict=True)):
+                x -= lr * dx
+                if i >= 2 * iters // 3:
+                    average[k] += x / (iters - 2 * iters // 3)
+    return [((a - t).norm() / t.norm()).item() for a in average]
+
+
+@pytest.mark.parametrize(("start", "mix"), [("zero", "linear"), ("zero", "vp"), ("noise", "linear"), ("noise", "vp")])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_at_the_optimum_the_partial_sums_approach_the_teacher_step_by_step(start, mix, schedule):
+    distances = optimum(start, mix, schedule)
+    assert all(a > b + 0.05 for a, b in itertools.pairwise(distances)), distances  # strictly closer at each step
+    assert distances[-1] < 0.02, distances  # the full sum is the teacher feature
+    assert distances[0] < 1.0, distances  # never farther from t than the zero feature: no amplified teacher
+    if start == "zero" and mix == "linear" and schedule == "linear":  # the default: target_k = (k/K)·t exactly
+        assert distances == pytest.approx([0.75, 0.5, 0.25, 0.0], abs=0.02)
+
+
+def test_the_first_design_a_start_that_moves_with_the_student_fails_the_optimum_test():
+    distances = optimum("student", "vp")
+    # The issue's measurement: partial sums ≈ 3.7 t, 3.3 t, 2.7 t, t, i.e. distances ≈ 2.7, 2.3, 1.7, 0.
+    assert distances[0] > 2.0 and distances[-1] < 0.02, distances
+    assert distances == pytest.approx([2.73, 2.33, 1.73, 0.0], abs=0.1)
+
+
+def test_default_targets_are_the_mean_of_shuffled_partial_sums():
+    """Over all K! orders, the k-th partial sum of K branch outputs is on average (k/K) times the full sum: the
+    default targets (k/K)·t are the only ones the branches can meet together, whatever order is drawn."""
+    g = torch.Generator().manual_seed(0)
+    outputs = [torch.randn(2, 3, generator=g) for _ in range(4)]
+    orders = list(itertools.permutations(range(4)))
+    mean = [sum(step_features(outputs, list(o))[k] for o in orders) / len(orders) for k in range(4)]
+    full = sum(outputs)
+    for k in range(4):
+        torch.testing.assert_close(mean[k], (k + 1) / 4 * full)
+    targets = step_targets(full, trajectory_start(full), abar_schedule(4))  # the default start, mix and schedule
+    for k in range(4):
+        torch.testing.assert_close(targets[k], mean[k])
 
 
 def test_noise_start_is_pure_noise_and_noisy_start_adds_it():
@@ -302,7 +358,7 @@ def test_one_step_is_a_hint_through_the_bridge():
 
 
 def test_progressive_loss_through_the_method_by_hand():
-    method = rdr(K=2, shuffle=False, mix="linear", beta=2.0).eval()
+    method = rdr(K=2, shuffle=False, beta=2.0).eval()  # the default targets: (k/K)·t
     x, y = batch(4)
     _, terms = method(x, y)
     names = ["stages.2.0.conv2.branches.0", "stages.2.0.conv2.branches.1", "stages.2.0.relu:input"]
@@ -314,8 +370,7 @@ def test_progressive_loss_through_the_method_by_hand():
         t = t_tap["stages.2.0.relu:input"]
         f1 = f - y1  # the first partial feature: branch 0 plus the shortcut
         h1, h2 = method.bridge(torch.cat([f1, f])).split(4)
-        target_1 = 0.5 * t + 0.5 * h1  # linear mix at ā_1 = 1/2, x_n = g(f_1)
-        expected = 2.0 * (0.5 * F.mse_loss(h1, target_1) + 0.5 * F.mse_loss(h2, t))
+        expected = 2.0 * (0.5 * F.mse_loss(h1, 0.5 * t) + 0.5 * F.mse_loss(h2, t))  # ā_1 = 1/2, x_0 = 0
     assert terms["rdr"].item() == pytest.approx(expected.item(), rel=1e-4)
 
 

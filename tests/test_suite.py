@@ -49,7 +49,7 @@ def test_suite_of_two_methods_two_seeds_aggregates_and_resumes(tmp_path):
 def test_a_fresh_clone_restores_finished_runs_from_the_committed_records(tmp_path):
     suite_file, _ = write_suite(tmp_path)
     first = run_suite(load_suite(suite_file), seeds=2)
-    records = tmp_path / "results" / "paired_runs"
+    records = tmp_path / "results" / "runs" / "runs"  # <results>/runs/<output_dir name>
     assert sorted(p.name for p in records.iterdir()) == ["ce_s0", "ce_s1", "ce_smooth_s0", "ce_smooth_s1"]
     assert sorted(p.name for p in (records / "ce_s0").iterdir()) == [
         ".distillab-run", "config.yaml", "metrics.jsonl", "summary.json"]  # no checkpoint: small enough to commit
@@ -61,7 +61,7 @@ def test_a_fresh_clone_restores_finished_runs_from_the_committed_records(tmp_pat
     assert restored.read_text() == (records / "ce_s0" / "summary.json").read_text()
     shutil.rmtree(tmp_path / "runs")
     suite_file.write_text(suite_file.read_text().replace("label_smoothing=0.3", "label_smoothing=0.1"))
-    with pytest.raises(ConfigError, match="paired_runs/ce_smooth_s0 was made from another config"):
+    with pytest.raises(ConfigError, match="runs/runs/ce_smooth_s0 was made from another config"):
         run_suite(load_suite(suite_file), seeds=2)
 
 
@@ -166,6 +166,15 @@ def test_tuning_picks_by_validation_accuracy_and_applies_the_choice(tmp_path):
     assert results["runs"]["ce_smooth"]["tuned"] == ["method.options.label_smoothing=0.2"]
     saved = yaml.safe_load((runs / "ce_smooth_s0" / "config.yaml").read_text())
     assert saved["method"]["options"]["label_smoothing"] == 0.2
+    # An ablation takes the values tuned for the label it names; `--only` trains it without the other rows.
+    suite_file.write_text(suite_file.read_text() + f"  ablation: {{config: {tmp_path / 'ce.yaml'}, "
+                          "set: [train.batch_size=32], tuned_as: ce_smooth}\n")
+    before = {d.name for d in runs.iterdir()}
+    results = run_suite(load_suite(suite_file), seeds=1, only=["ablation"])
+    assert {d.name for d in runs.iterdir()} - before == {"ablation_s0"}
+    assert results["runs"]["ablation"]["tuned"] == ["method.options.label_smoothing=0.2"]
+    saved = yaml.safe_load((runs / "ablation_s0" / "config.yaml").read_text())
+    assert saved["method"]["options"]["label_smoothing"] == 0.2 and saved["train"]["batch_size"] == 32
 
 
 def test_tuning_grids_are_small_and_name_real_labels(tmp_path):
@@ -178,6 +187,9 @@ def test_tuning_grids_are_small_and_name_real_labels(tmp_path):
         load_suite(suite_file)
     suite_file, _ = write_suite(tmp_path)
     assert main(["bench", "tune", str(suite_file)]) == 2  # nothing to tune
+    suite_file.write_text(suite_file.read_text() + "  ablation: {config: ce.yaml, tuned_as: ce}\n")
+    with pytest.raises(ConfigError, match=r"runs\.ablation\.tuned_as: 'ce' has no grid"):
+        load_suite(suite_file)
 
 
 def test_run_lock_names_its_holder_and_is_free_after_release(tmp_path):

@@ -22,7 +22,7 @@ processes on one suite share its runs. Suites sharing an output directory share 
 common (same label, same config); a label whose existing run was made from a different config is an error.
 
 Run directories hold checkpoints and are not committed, so each finished run also leaves a small record
-(config, summary, metrics, marker) under `<results_dir>/<name>_runs/<run>/`. A run whose directory is missing
+(config, summary, metrics, marker) under `<results_dir>/runs/<output_dir's name>/<run>/`. A run whose directory is missing
 but whose record has the same config is restored from the record rather than retrained: a suite committed
 half-way resumes in a fresh clone.
 """
@@ -65,6 +65,7 @@ WAIT_S = 10.0
 class SuiteEntry(StrictModel):
     config: Path
     set: list[str] = Field(default_factory=list, description="overrides, as with --set")
+    tuned_as: str | None = Field(None, description="take the values tuned for this label (an ablation of it)")
 
 
 class TuneSpec(StrictModel):
@@ -99,7 +100,15 @@ class Suite(StrictModel):
         for field, label in named:
             if label is not None and label not in self.runs:
                 raise ValueError(f"{field}: {label!r} is not a label of runs ({', '.join(self.runs)})")
+        grids = self.tune.grids if self.tune else {}
+        for label, entry in self.runs.items():
+            if entry.tuned_as is not None and entry.tuned_as not in grids:
+                raise ValueError(f"runs.{label}.tuned_as: {entry.tuned_as!r} has no grid in tune.grids")
         return self
+
+    def tuned_label(self, label: str) -> str:
+        """The label whose tuned values `label` takes: its own, or its `tuned_as`."""
+        return self.runs[label].tuned_as or label
 
 
 def load_suite(path: Path) -> Suite:
@@ -132,7 +141,8 @@ def entry_config(suite: Suite, label: str, seed: int, extra: list[str] = (), nam
 
 
 def records_dir(suite: Suite) -> Path:
-    return suite.results_dir / f"{suite.name}_runs"
+    """Where the suite's finished runs are recorded: shared, like the runs, by suites with one output_dir."""
+    return suite.results_dir / "runs" / suite.output_dir.name
 
 
 def save_record(suite: Suite, cfg: RunConfig) -> None:
@@ -209,19 +219,19 @@ def _finished(cfg: RunConfig) -> dict[str, Any] | None:
 
 def tune_suite(suite: Suite, labels: list[str] | None = None, console: Console | None = None,
                train: bool = True) -> dict[str, list[str]]:
-    """Run each grid of `suite.tune` on its tuning seeds and pick, per label, the setting with the best mean
-    validation accuracy (the first of equals); returns label -> overrides, and writes <name>_tuning.{json,md}.
-    With `train=False` only finished tuning runs count, and a grid with unfinished runs picks nothing."""
+    """Run each grid of `suite.tune` (only those of `labels`, when given) on its tuning seeds and pick, per label,
+    the setting with the best mean validation accuracy (the first of equals); returns label -> overrides, and
+    writes <name>_tuning.{json,md}. Only finished tuning runs count: a grid with unfinished runs picks nothing."""
     console = console or Console()
     if suite.tune is None:
         return {}
-    grids = {k: g for k, g in suite.tune.grids.items() if labels is None or k in labels}
+    grids = suite.tune.grids
     configs = {(label, i, seed): entry_config(suite, label, seed, overrides_of(point), f"{label}_tune{i}")
                for label, grid in grids.items() for i, point in enumerate(grid_points(grid))
                for seed in suite.tune.seeds}
     restore_records(suite, configs, console)
     if train:
-        train_all(configs, console)
+        train_all({k: c for k, c in configs.items() if labels is None or k[0] in labels}, console)
     for cfg in configs.values():
         if _finished(cfg) is not None:
             save_record(suite, cfg)
@@ -252,9 +262,12 @@ def run_suite(suite: Suite, seeds: int, console: Console | None = None, only: li
     for label in only or []:
         if label not in suite.runs:
             raise ConfigError(f"--only: {label!r} is not a label of {suite.name} ({', '.join(suite.runs)})")
-    tuned = tune_suite(suite, only, console, train=train)
     labels = [k for k in suite.runs if only is None or k in only]
-    pending = [k for k in labels if suite.tune and k in suite.tune.grids and k not in tuned]
+    tuned = tune_suite(suite, None if only is None else sorted({suite.tuned_label(k) for k in labels}), console,
+                       train=train)
+    grids = suite.tune.grids if suite.tune else {}
+    pending = [k for k in suite.runs if suite.tuned_label(k) in grids and suite.tuned_label(k) not in tuned]
+    tuned = {label: tuned[suite.tuned_label(label)] for label in suite.runs if suite.tuned_label(label) in tuned}
     configs = {(label, seed): entry_config(suite, label, seed, tuned.get(label, []))
                for label in suite.runs if label not in pending for seed in range(seeds)}  # all validated first
     restore_records(suite, configs, console)

@@ -1,17 +1,21 @@
 """`rdr`: RDR (reconstructed), progressive distillation through re-parameterized student branches.
 
 Yao et al., "Progressively Knowledge Distillation via Re-parameterizing Diffusion Reverse Process", AAAI 2024.
-A reconstruction from the abstract (spec `shared/methods/rdr.md`; everything beyond the abstract is a design
-choice and a configurable option). The last conv(+BN) before global pooling of the student becomes K parallel
-linear branches. Each step their outputs are taken in a random order; the running partial sums, plus the
-block's shortcut, give K student features f_1..f_K. Through a shared bridge (1×1 conv + BN) each f_k regresses
-its own target on a diffusion-style schedule from the detached bridged f_1 to the teacher feature:
+A reconstruction from the abstract (spec `shared/methods/rdr.md`, `docs/methods/rdr.md`; everything beyond the
+abstract is a design choice and a configurable option). The last conv(+BN) before global pooling of the student
+becomes K parallel linear branches. Each step their outputs are taken in a random order; the running partial
+sums, plus the block's shortcut, give K student features f_1..f_K. Through a shared bridge (1×1 conv + BN) each
+f_k regresses its own target on a path from a fixed start x_0 to the teacher feature t:
 
-    target_k = mixA(ā_k)·t + mixB(ā_k)·x_n + σ_k·ε,   ā_K = 1, so target_K = t
+    target_k = mixA(ā_k)·t + mixB(ā_k)·x_0 + σ_k·ε,   ā_K = 1, so target_K = t
     L = ce·CE + β·Σ_k w_k·MSE(g(f_k), target_k) [+ kd·T²·KL] [+ tg·mean_{k<K} CE(head(act(f_k)))]
 
-The network continues from act(f_K), the full sum, as the deployed one does. `deploy_student()` merges the
-branches into the plain conv + BN of the unmodified architecture: same parameter count and FLOPs.
+By default x_0 = 0 and the mix is linear, so target_k = (k/K)·t: the share of the teacher that k of the K
+branches can give, since a partial sum in a random order is on average k/K of the full sum. `start: student`
+(x_0 = sg(g(f_1)), the first design) moves with the student and drives the partial sums away from t; it is kept
+as an ablation only. The network continues from act(f_K), the full sum, as the deployed one does.
+`deploy_student()` merges the branches into the plain conv + BN of the unmodified architecture: same parameter
+count and FLOPs.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from distillab.reparam import (
 
 Schedule = Literal["linear", "cosine"]
 Mix = Literal["vp", "linear"]
-Start = Literal["student", "noise", "student_plus_noise"]
+Start = Literal["zero", "noise", "student", "student_plus_noise"]
 
 
 # -- the diffusion-style schedule -------------------------------------------------------------------
@@ -54,14 +58,17 @@ def abar_schedule(steps: int, name: Schedule = "linear") -> list[float]:
 
 
 def mix_coefficients(abar: float, mix: Mix = "vp") -> tuple[float, float]:
-    """(weight of the teacher feature, weight of x_n): vp (√ā, √(1−ā)) or linear (ā, 1−ā)."""
+    """(weight of the teacher feature, weight of x_0): vp (√ā, √(1−ā)) or linear (ā, 1−ā)."""
     if mix == "vp":
         return math.sqrt(abar), math.sqrt(1.0 - abar)
     return abar, 1.0 - abar
 
 
-def trajectory_start(first: torch.Tensor, start: Start = "student", sigma: float = 1.0) -> torch.Tensor:
-    """x_n, the student end of the trajectory: the detached bridged f_1, pure noise, or f_1 plus σ_0·noise."""
+def trajectory_start(first: torch.Tensor, start: Start = "zero", sigma: float = 1.0) -> torch.Tensor:
+    """x_0, the start of the path to the teacher: zero, pure noise (fresh each step), or (ablations of the first
+    design, a start that moves with the student) the detached bridged f_1, or f_1 plus σ_0·noise."""
+    if start == "zero":
+        return torch.zeros_like(first)
     if start == "noise":
         return torch.randn_like(first)
     if start == "student_plus_noise":
@@ -69,9 +76,9 @@ def trajectory_start(first: torch.Tensor, start: Start = "student", sigma: float
     return first.detach()
 
 
-def step_targets(teacher: torch.Tensor, start: torch.Tensor, abar: list[float], mix: Mix = "vp",
+def step_targets(teacher: torch.Tensor, start: torch.Tensor, abar: list[float], mix: Mix = "linear",
                  sigma_scale: float = 0.0) -> list[torch.Tensor]:
-    """target_k = mixA(ā_k)·t + mixB(ā_k)·x_n + σ_k·ε with σ_k = sigma_scale·√(1−ā_k); at ā = 1 it is t itself."""
+    """target_k = mixA(ā_k)·t + mixB(ā_k)·x_0 + σ_k·ε with σ_k = sigma_scale·√(1−ā_k); at ā = 1 it is t itself."""
     targets = []
     for a in abar:
         coef_t, coef_x = mix_coefficients(a, mix)
@@ -252,8 +259,8 @@ class RDROptions(MethodOptions):
     shuffle: bool = Field(True, description="re-draw the branch order every step; false: fixed order")
     features: Literal["partial_sum", "single_branch"] = "partial_sum"
     schedule: Schedule = "linear"
-    mix: Mix = "vp"
-    start: Start = "student"
+    mix: Mix = "linear"
+    start: Start = Field("zero", description="x_0: zero or noise; student, student_plus_noise: first design")
     start_sigma: float = Field(1.0, ge=0, description="σ_0 of start=student_plus_noise")
     sigma_scale: float = Field(0.0, ge=0)
     bridge: Literal["shared", "per_step"] = "shared"
