@@ -2,6 +2,10 @@
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,14 +16,15 @@ from safetensors.torch import load_file
 from distillab import methods, models
 from distillab.bench.suite import load_suite
 from distillab.cli import main
-from distillab.config import load_config
-from distillab.data import ImageDataset
+from distillab.config import TrainConfig, load_config
+from distillab.data import DataSplits, ImageDataset
 from distillab.engine.checkpoint import CHECKPOINT_FILE, STUDENT_FILE, load_checkpoint, save_safetensors
+from distillab.engine.trainer import Trainer
 from distillab.errors import ConfigError
 from distillab.features import FeatureTap
 from distillab.methods.base import validate_options
-from distillab.methods.dfa import DFA, DFASearchOptions, aggregate, block_outputs
-from distillab.search.dfa import BridgeSearch, run_search, split_halves, unit_distance
+from distillab.methods.dfa import DFA, aggregate, block_outputs
+from distillab.methods.dfa_search import split_halves, unit_distance
 
 SHAPE = (1, 16, 16)  # stages at 16, 8 and 4 pixels
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +52,12 @@ def nets(seed=0):
 def searcher(**options):
     teacher, student = nets()
     torch.manual_seed(2)
-    return BridgeSearch(student, teacher, DFASearchOptions(**options), SHAPE)
+    return methods.build("dfa_search", student, teacher, input_shape=SHAPE, **options)
+
+
+def trainable_beta(search, group):
+    """beta_i as a leaf that records its gradient (the method keeps it out of autograd between its own steps)."""
+    return search.betas[group].requires_grad_()
 
 
 def batch(n=8, seed=1):
@@ -142,8 +152,9 @@ def test_st_loss_is_the_mean_of_two_minus_two_cos():
 def test_ts_path_reaches_beta_ts_and_the_later_student_stages_only(group):
     search = searcher()
     x, y = batch()
-    search.bridge_terms(group, x, y)["ts"].backward()
-    assert search.betas[group].grad.abs().sum() > 0 and search.ts[group].weight.grad.abs().sum() > 0
+    beta = trainable_beta(search, group)
+    search.bridge_terms(group, x, y, beta)[0]["ts"].backward()
+    assert beta.grad.abs().sum() > 0 and search.ts[group].weight.grad.abs().sum() > 0
     student = search.student
     later = [*student.stages[group + 1 :].parameters(), *student.head.parameters()]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in later)
@@ -156,31 +167,52 @@ def test_ts_path_reaches_beta_ts_and_the_later_student_stages_only(group):
 def test_st_path_reaches_beta_st_and_the_student_up_to_the_group():
     search = searcher()
     x, y = batch()
-    search.bridge_terms(1, x, y)["st"].backward()
-    assert search.betas[1].grad.abs().sum() > 0 and search.st[1].weight.grad.abs().sum() > 0
+    beta = trainable_beta(search, 1)
+    search.bridge_terms(1, x, y, beta)[0]["st"].backward()
+    assert beta.grad.abs().sum() > 0 and search.st[1].weight.grad.abs().sum() > 0
     assert all(p.grad.abs().sum() > 0 for p in search.student.stages[1].parameters())
     assert all(p.grad is None for p in search.student.stages[2].parameters())
     assert all(p.grad is None for p in search.teacher.parameters())
 
 
 # ------------------------------------------------------------------------------------------ search steps
-def test_beta_step_changes_only_beta_i():
+def test_beta_step_changes_only_beta_i_and_logs_each_paths_gradient():
     search = searcher()
     before = state(search)
     search.start_group(1)
-    search.beta_step(*batch())
+    x, y = batch()
+    search.beta_step(1, x, y)
     assert changed(before, state(search)) == {"betas.1"}  # student weights and BN statistics included
+    logs = search.take_logs()
+    assert set(logs) == {f"g1_{kind}_{j}" for kind in ("ts_grad", "st_grad", "alpha") for j in (0, 1)}
+    assert search.take_logs() == {}  # taken once
+    fresh = searcher()
+    beta = trainable_beta(fresh, 1)
+    terms, _ = fresh.bridge_terms(1, x, y, beta)
+    assert torch.allclose(torch.stack([logs["g1_ts_grad_0"], logs["g1_ts_grad_1"]]),
+                          torch.autograd.grad(terms["ts"], beta, retain_graph=True)[0])
+    assert torch.allclose(torch.stack([logs["g1_st_grad_0"], logs["g1_st_grad_1"]]),
+                          torch.autograd.grad(terms["st"], beta)[0])
 
 
-def test_w_step_trains_student_and_group_connectors_never_beta_or_teacher():
-    search = searcher(add_student_ce=True)
+def test_a_step_is_a_beta_step_then_the_w_loss_for_the_trainer():
+    search = searcher(add_student_ce=True, epochs_per_group=2)
+    search.train()
+    search.set_progress(2, search.fixed_epochs)  # epoch 3 of 6: group 1
     before = state(search)
-    search.start_group(1)
-    search.w_step(*batch())
-    diff = changed(before, state(search))
-    assert not any(k.startswith(("betas.", "teacher.", "ts.0", "ts.2", "st.0", "st.2")) for k in diff)
-    assert {"ts.1.weight", "st.1.weight", "student.stem.conv.weight", "student.head.fc.weight"} <= diff
+    x, y = batch()
+    xb, yb = batch(seed=5)
+    logits, terms = search(x, y, xb, yb)
+    assert search.group == 1 and set(terms) == {"ts", "st", "ce"} and logits.shape == (8, 10)
+    params = {n for n, _ in search.named_parameters()}
+    assert changed(before, state(search)) & params == {"betas.1"}  # the beta-step (the w forward moved BN stats)
+    sum(terms.values()).backward()  # the w-step's gradients: the Trainer's optimizer applies them
+    grads = {n for n, p in search.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert {"ts.1.weight", "st.1.weight", "student.stem.conv.weight", "student.head.fc.weight"} <= grads
+    assert not any(n.startswith(("betas.", "teacher.", "ts.0", "ts.2", "st.0", "st.2")) for n in grads)
     assert not any(p.requires_grad for p in search.teacher.parameters())
+    assert not any(p.requires_grad for p in search.betas)  # never in the Trainer's optimizer
+    assert search.fixed_epochs == 6 and searcher(epochs_per_group=2, warmup_epochs=1).fixed_epochs == 7
 
 
 def indexed_dataset(n=40):
@@ -189,31 +221,32 @@ def indexed_dataset(n=40):
     return ImageDataset(images, torch.arange(n) % 10, 10, (0.0,), (1.0,), "indexed")
 
 
-def test_search_alternates_the_halves_group_after_group():
-    search = searcher(epochs_per_group=1.0, split_seed=3)
+def test_the_trainer_alternates_the_halves_group_after_group():
+    search = searcher(epochs_per_group=1, split_seed=3, warmup_epochs=1)
+    w_half, beta_half = (set(h.tolist()) for h in split_halves(40, 3))
     calls = []
 
-    def spy(kind, step):
-        def record(images, labels):
-            betas = [b.detach().clone() for b in search.betas]
-            calls.append((kind, search.group, set((images[:, 0, 0, 0] * 255).round().long().tolist()), betas))
-            return step(images, labels)
+    def spy(kind, fn):
+        def record(group, images, *rest):
+            seen = set((images[:, 0, 0, 0] * 255).round().long().tolist())
+            half = "w" if seen <= w_half else "beta" if seen <= beta_half else "both"
+            calls.append((kind, group, half, seen, [b.detach().clone() for b in search.betas]))
+            return fn(group, images, *rest)
         return record
 
-    search.beta_step, search.w_step = spy("beta", search.beta_step), spy("w", search.w_step)
-    results = run_search(search, indexed_dataset(), batch_size=4, seed=0, progress=False)
-    w_half, beta_half = (set(h.tolist()) for h in split_halves(40, 3))
-    steps = 5  # one pass over the 20 images of D_w, 4 at a time
-    assert [r.steps for r in results] == [steps] * 3
-    assert [(kind, group) for kind, group, _, _ in calls] == [
-        (kind, group) for group in range(3) for _ in range(steps) for kind in ("beta", "w")]
-    for kind, group, seen, betas in calls:
-        assert seen <= (beta_half if kind == "beta" else w_half)
+    search.beta_step, search.bridge_terms = spy("beta_step", search.beta_step), spy("bridge", search.bridge_terms)
+    cfg = TrainConfig(epochs=search.fixed_epochs, batch_size=4, progress=False, optim={"name": "sgd", "lr": 0.05},
+                      schedule={"name": "constant"})
+    Trainer(search, DataSplits(indexed_dataset(), None, indexed_dataset(8)), cfg, augment=None).fit()
+    steps = 5  # one pass over the 20 images of D_w, 4 at a time; the warm-up epoch (plain CE) calls neither
+    # every step: the beta-step on D_beta (which computes the bridge loss there), then the w-step's on D_w
+    assert [c[:3] for c in calls] == [(kind, group, half) for group in range(3) for _ in range(steps)
+                                      for kind, half in (("beta_step", "beta"), ("bridge", "beta"), ("bridge", "w"))]
+    for _, group, _, _, betas in calls:
         for j in range(3):
             if j != group:  # the other groups stay where their own search left them
                 assert torch.equal(betas[j], search.betas[j].detach() if j < group else torch.zeros(2))
-    assert set().union(*(seen for kind, group, seen, _ in calls if kind == "w" and group == 0)) == w_half
-    assert [r.weights for r in results] == [a.tolist() for a in search.alphas()]
+    assert set().union(*(c[3] for c in calls if c[0] == "bridge" and c[1] == 0 and c[2] == "w")) == w_half
 
 
 def test_split_is_disjoint_deterministic_and_half_and_half():
@@ -279,49 +312,82 @@ def test_errors_name_the_option(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ CLI, end to end
-def test_search_then_distil_through_the_cli(tmp_path, capsys):
+def dfa_config(tmp_path, name="dfa", search="epochs_per_group: 1, beta_lr: 0.01", epochs=1):
     teacher, _ = nets()
     save_safetensors(teacher, tmp_path / "teacher.safetensors")  # an untrained teacher: the pipeline is tested
-    config = tmp_path / "dfa.yaml"
+    config = tmp_path / f"{name}.yaml"
     config.write_text(
-        f"output_dir: {tmp_path / 'runs'}\nname: search\n"
+        f"output_dir: {tmp_path / 'runs'}\nname: {name}\n"
         "data: {name: digits, val_size: 200, train_subset: 400, augment: {crop_padding: 1, flip: false}}\n"
         f"teacher: {{name: resnet14, checkpoint: {tmp_path / 'teacher.safetensors'}}}\n"
         "student: {name: resnet8}\n"
-        "method: {name: dfa, options: {gamma_fd: 1.0, search: {epochs_per_group: 1, beta_lr: 0.01}}}\n"
-        "train: {epochs: 1, batch_size: 50, progress: false}\n")
-    assert main(["search", str(config)]) == 0
-    run = tmp_path / "runs" / "search"
-    record = json.loads((run / "aggregation.json").read_text())
-    assert (run / "aggregation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (run / "config.yaml").is_file()
-    assert (record["teacher"], record["student"], record["seed"], record["steps_per_group"]) == (
-        "resnet14", "resnet8", 0, 4)  # 200 images in D_w, 50 at a time
-    assert record["search_wall_time_s"] > 0
+        f"method: {{name: dfa, options: {{gamma_fd: 1.0, search: {{{search}}}}}}}\n"
+        f"train: {{epochs: {epochs}, batch_size: 50, progress: false}}\n")
+    return config
+
+
+def test_search_then_distil_is_one_run_of_two_stages(tmp_path, capsys):
+    config = dfa_config(tmp_path)
+    assert main(["train", str(config)]) == 0
+    run = tmp_path / "runs" / "dfa"
+    search = run / "stages" / "search"
+    record = json.loads((search / "aggregation.json").read_text())
+    assert (search / "aggregation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stage_cfg = load_config(search / "config.yaml")
+    assert (stage_cfg.method.name, stage_cfg.train.epochs, stage_cfg.train.optim.lr) == ("dfa_search", 3, 0.05)
+    assert stage_cfg.train.schedule.name == "constant"
+    metrics = [json.loads(line) for line in (search / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3 and {"log_g2_ts_grad_1", "log_g2_st_grad_0", "log_g2_alpha_1"} <= set(metrics[2])
     assert [g["names"] for g in record["groups"]] == [[f"stages.{i}.0", f"stages.{i}.1"] for i in range(3)]
     assert all(math.isclose(sum(g["weights"]), 1.0, rel_tol=1e-6) for g in record["groups"])
     assert all(g["weights"] != [0.5, 0.5] for g in record["groups"])  # beta moved
-
-    capsys.readouterr()
-    assert main(["search", str(config)]) == 2
-    assert "already exists" in capsys.readouterr().err
-    assert main(["search", str(config), "--set", "method.name=kd"]) == 2
-    assert "has no search stage" in capsys.readouterr().err
-    before = (run / "aggregation.json").read_bytes()
-    for bad in ("teacher.checkpoint=/nonexistent.safetensors", "method.options.search.beta_lr=-1",
-                "data.train_subset=99999"):  # --force with a broken config keeps the old search
-        assert main(["search", str(config), "--force", "--set", bad]) == 2
-        assert capsys.readouterr().err.startswith("distillab: error:")
-        assert (run / "aggregation.json").read_bytes() == before
-
-    assert main(["train", str(config), "--set", "name=distil",
-                 "--set", f"method.options.weights={run / 'aggregation.json'}"]) == 0
-    distil = tmp_path / "runs" / "distil"
-    saved = load_checkpoint(distil / CHECKPOINT_FILE)["method"]
+    summary = json.loads((run / "summary.json").read_text())
+    for ours, group in zip(summary["aggregation"], record["groups"], strict=True):
+        assert ours == pytest.approx(group["weights"])
+    saved = load_checkpoint(run / CHECKPOINT_FILE)["method"]
     for i, group in enumerate(record["groups"]):
         assert saved[f"alpha_{i}"].tolist() == pytest.approx(group["weights"])
     plain = models.build("resnet8", num_classes=10, in_channels=1)
-    assert set(load_file(distil / STUDENT_FILE)) == set(plain.state_dict())
+    assert set(load_file(run / STUDENT_FILE)) == set(plain.state_dict())
+
+    # another run may distil from this search, with no stage of its own
+    assert main(["train", str(config), "--set", "name=again", "--set", f"method.options.weights={search}"]) == 0
+    assert not (tmp_path / "runs" / "again" / "stages").exists()
+    capsys.readouterr()
+    assert main(["search", str(config)]) == 2  # the old command names the new one
+    assert "distillab train CONFIG" in capsys.readouterr().err
+    assert main(["train", str(config), "--set", "method.options.search.epochs_per_group=0"]) == 2
+    assert "method.options.search.epochs_per_group" in capsys.readouterr().err
+
+
+def test_a_search_stopped_mid_group_resumes_to_the_same_weights(tmp_path):
+    config = dfa_config(tmp_path, "stopped", "epochs_per_group: 3, beta_lr: 0.01")
+    reference = dfa_config(tmp_path / "ref", "ref", "epochs_per_group: 3, beta_lr: 0.01")
+    subprocess.run([sys.executable, "-m", "distillab", "train", str(reference)], check=True, capture_output=True)
+    stage = tmp_path / "runs" / "stopped" / "stages" / "search"
+    proc = subprocess.Popen([sys.executable, "-m", "distillab", "train", str(config)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600  # a hang guard, not a speed check
+    while not (stage / CHECKPOINT_FILE).is_file():  # written after epoch 1 of group 0's 3
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"distillab train --resume {tmp_path / 'runs' / 'stopped'}" in err  # the whole run, not the stage
+    stopped_at = load_checkpoint(stage / CHECKPOINT_FILE)
+    assert stopped_at["epoch"] < 9 and not (stage / "summary.json").exists()
+    done = subprocess.run([sys.executable, "-m", "distillab", "train", "--resume", str(tmp_path / "runs" / "stopped")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    ref_stage = tmp_path / "ref" / "runs" / "ref" / "stages" / "search"
+    for a, b in ((stage, ref_stage), (stage.parent.parent, ref_stage.parent.parent)):
+        ours, theirs = load_checkpoint(a / CHECKPOINT_FILE)["method"], load_checkpoint(b / CHECKPOINT_FILE)["method"]
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), a  # bit-identical: the search, then the distillation
+    assert json.loads((stage / "aggregation.json").read_text())["groups"] == json.loads(
+        (ref_stage / "aggregation.json").read_text())["groups"]
 
 
 # ------------------------------------------------------------------------------------------ configs
@@ -330,7 +396,7 @@ def test_configs_validate(path):
     cfg = load_config(path)
     if cfg.method.name == "dfa":
         opts = validate_options(DFA, cfg.method.options)
-        assert opts.gamma_fd is not None or path.name.startswith(("search", "dfa_search"))
+        assert opts.gamma_fd is not None
 
 
 def test_suite_compares_ce_fitnet_and_the_four_weightings():
@@ -341,4 +407,4 @@ def test_suite_compares_ce_fitnet_and_the_four_weightings():
         cfg = load_config(ROOT / suite.runs[f"dfa_{label}"].config)
         assert cfg.method.options["mode"] == label
     long = load_config(ROOT / suite.runs["dfa_searched_long"].config).method.options
-    assert long["mode"] == "searched" and long["weights"].endswith("dfa_search_long/aggregation.json")
+    assert long["mode"] == "searched" and "weights" not in long and long["search"]["epochs_per_group"] == 5

@@ -59,14 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     _debug_flag(p)
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("search", help="DFA stage 1: search the feature-aggregation weights (aggregation.json)")
-    p.add_argument("config", type=Path, help="YAML run config with method.name: dfa")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set method.options.search.epochs_per_group=2")
-    p.add_argument("--force", action="store_true", help="start an existing search directory again from scratch")
-    p.add_argument("--budget", type=Path, metavar="FILE",
-                   help="a config file laid over the config (e.g. configs/fashion_mnist/_converged.yaml)")
-    _debug_flag(p)
+    p = sub.add_parser("search", help="(gone) DFA's search is now a stage of `distillab train`")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_search)
 
     p = sub.add_parser("eval", help="test accuracy of a run's saved student")
@@ -178,21 +172,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from distillab.config import load_config
-    from distillab.search import search_dir, search_run
-
-    cfg = load_config(args.config, args.overrides, layers=[args.budget] if args.budget else [])
-    record = search_run(cfg, force=args.force)
-    table = Table(title=f"DFA aggregation weights ({record['steps_per_group']} steps per group, "
-                        f"{record['search_wall_time_s']:.0f} s)")
-    table.add_column("group")
-    table.add_column("weights (shallow to deep)")
-    for i, group in enumerate(record["groups"]):
-        table.add_row(str(i), "  ".join(f"{w:.3f}" for w in group["weights"]))
-    console = Console()
-    console.print(table)
-    console.print(f"[bold green]done[/]: {search_dir(cfg) / 'aggregation.json'}")
-    return 0
+    raise DistillabError("`distillab search` is gone: a search is now the first stage of its method's run. Run "
+                         "`distillab train CONFIG` (method dfa, mode searched, no method.options.weights): it searches "
+                         "into RUN/stages/search (aggregation.json, aggregation.png), then distils, resumably")
 
 
 def _eval(args: argparse.Namespace) -> int:

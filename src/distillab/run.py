@@ -9,15 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 
 from distillab import methods, models
-from distillab.config import RunConfig, dump_config, load_config
+from distillab.config import RunConfig, dump_config, format_validation_error, load_config
 from distillab.data import DataSplits, load_splits
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights, write_text_atomic
 from distillab.engine.distributed import barrier, init_world
 from distillab.engine.lock import LOCK_FILE, RunLock, RunLockedError
-from distillab.engine.trainer import SUMMARY_FILE, Trainer, resolve_device
+from distillab.engine.trainer import SUMMARY_FILE, Trainer, TrainingStopped, resolve_device
 from distillab.errors import CheckpointError, ConfigError, DistillabError
 
 CONFIG_FILE = "config.yaml"
@@ -65,8 +66,9 @@ def build_method(cfg: RunConfig, data: DataSplits) -> tuple[methods.Method, dict
     return method, info
 
 
-def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
-    """A run directory is never overwritten unless `force`; `resume` continues one in place.
+def check_run_dir(run_dir: Path, resume: bool, force: bool, staged: bool = False) -> None:
+    """A run directory is never overwritten unless `force`; `resume` continues one in place (a `staged` run
+    also when only its earlier stages have begun).
 
     `force` deletes only a directory that is provably a distillab run: it carries the run marker, it is not a
     symbolic link, and it resolves to a child of the output directory.
@@ -82,7 +84,7 @@ def check_run_dir(run_dir: Path, resume: bool, force: bool) -> None:
                              "start it again from scratch")
     if resume and not exists:
         raise DistillabError(f"{run_dir}: nothing to resume (no such run)")
-    if resume and not (run_dir / CHECKPOINT_FILE).is_file():
+    if resume and not (run_dir / CHECKPOINT_FILE).is_file() and not (staged and (run_dir / STAGES_DIR).is_dir()):
         why = ("has finished and has no checkpoint" if (run_dir / SUMMARY_FILE).is_file() else
                "has no checkpoint (it stopped before its first epoch ended)")
         raise DistillabError(f"{run_dir} {why} to resume from: start it again with --force")
@@ -156,22 +158,45 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
+STAGES_DIR = "stages"  # a multi-stage run's earlier stages: <run>/stages/<stage>/, each a run directory
+
+
+def stage_configs(cfg: RunConfig) -> list[tuple[methods.Stage, RunConfig]]:
+    """The earlier stages of `cfg`'s method, each with its validated config: the run's, with the stage's method
+    and train keys, under <run>/stages/<name>. Empty for a single-stage method."""
+    method_cls = methods.get(cfg.method.name)
+    out = []
+    for stage in method_cls.stages(methods.validate_options(method_cls, cfg.method.options)):
+        raw = cfg.model_dump(mode="json")
+        raw.update(name=stage.name, output_dir=str(cfg.run_dir / STAGES_DIR),
+                   method={"name": stage.method, "options": stage.options}, train=_merged(raw["train"], stage.train))
+        try:
+            out.append((stage, RunConfig.model_validate(raw)))
+        except ValidationError as err:
+            raise ConfigError(format_validation_error(err, RunConfig, f"stage {stage.name}: ")) from None
+    return out
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    return {**base, **{k: _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in over.items()}}
+
+
 def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None,
               on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train the run described by `cfg` into `cfg.run_dir`; returns its summary."""
+    """Train the run described by `cfg` into `cfg.run_dir` (a multi-stage method's earlier stages first, each
+    into <run>/stages/<name>, skipped once finished); returns its summary."""
     world = init_world(resolve_device(cfg.train.device))
     console = console or Console(quiet=not world.is_main)
     run_dir = cfg.run_dir
-    check_run_dir(run_dir, resume, force)
-    changed = resume_changes(run_dir, cfg) if resume else []
+    stages = stage_configs(cfg)  # every stage's config is valid before anything is done
+    check_run_dir(run_dir, resume, force, staged=bool(stages))
     run_id = (read_run_id(run_dir) if resume else None) or uuid.uuid4().hex
     data = load_splits(cfg.data)
-    method, info = build_method(cfg, data)
-    info["run_id"] = run_id
-    trainer = Trainer(method, data, cfg.train, seed=cfg.seed, run_dir=run_dir, info=info,
-                      augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end)
-    if resume:
-        trainer.restore(run_dir / CHECKPOINT_FILE)  # a bad checkpoint is refused before anything is written
+    trainer = None
+    if not stages:  # built (and a bad checkpoint refused) before anything is written
+        cfg, trainer = _trainer(cfg, data, run_id, console, on_epoch_end, resume)
+    changed = resume_changes(run_dir, cfg) if resume else []
     barrier(world)  # every rank has checked the run directory, and all is valid, before rank 0 changes it
     lock = claim_run_dir(run_dir, force and not resume, run_id) if world.is_main else None
     try:
@@ -180,7 +205,25 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
                 write_text_atomic(run_dir / CONFIG_FILE, dump_config(cfg))
             except OSError as exc:
                 raise DistillabError(f"{exc.strerror or exc} while writing {run_dir / CONFIG_FILE}") from None
-        side = method.side_parameter_count()
+        final = cfg
+        for stage, stage_cfg in stages:
+            stage_dir = stage_cfg.run_dir
+            if not (stage_dir / SUMMARY_FILE).is_file():
+                console.rule(f"{cfg.run_name}: stage {stage.name} ({stage.method})")
+                again = (stage_dir / CHECKPOINT_FILE).is_file()
+                try:
+                    train_run(stage_cfg, resume=again, force=holds_a_run(stage_dir) and not again, console=console)
+                except TrainingStopped as exc:  # resume the whole run, not just the stage
+                    raise TrainingStopped(str(exc).replace(f"--resume {stage_dir}", f"--resume {run_dir}"),
+                                          exc.signum) from None
+            options = stage.link(final.method.options, stage_dir) if stage.link else final.method.options
+            final = final.model_copy(update={"method": final.method.model_copy(update={"options": options})})
+        if trainer is None:
+            if stages:
+                console.rule(f"{cfg.run_name}: {cfg.method.name}")
+            final, trainer = _trainer(final, data, run_id, console, on_epoch_end,
+                                      resume and (run_dir / CHECKPOINT_FILE).is_file())
+        side = trainer.method.side_parameter_count()
         console.print(f"[bold]{cfg.run_name}[/]: {cfg.method.name} "
                       f"{cfg.teacher.name + ' -> ' if cfg.teacher else ''}{cfg.student.name} on {cfg.data.name} "
                       f"({len(data.train)} train{f', {len(data.val)} val' if data.val is not None else ''}, "
@@ -189,6 +232,21 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
     finally:
         if lock is not None:
             lock.release()
+
+
+def _trainer(cfg: RunConfig, data: DataSplits, run_id: str, console: Console,
+             on_epoch_end: Callable[[int, dict[str, Any]], None] | None, resume: bool) -> tuple[RunConfig, Trainer]:
+    """The method and its Trainer (restored from the run's checkpoint when `resume`); the config comes back with
+    the epochs a method's own schedule fixes (a search)."""
+    method, info = build_method(cfg, data)
+    if method.fixed_epochs is not None and method.fixed_epochs != cfg.train.epochs:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": method.fixed_epochs})})
+    info["run_id"] = run_id
+    trainer = Trainer(method, data, cfg.train, seed=cfg.seed, run_dir=cfg.run_dir, info=info,
+                      augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end)
+    if resume:
+        trainer.restore(cfg.run_dir / CHECKPOINT_FILE)  # a bad checkpoint is refused before anything is written
+    return cfg, trainer
 
 
 def same_config(saved: Path, cfg: RunConfig) -> bool:

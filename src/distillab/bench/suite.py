@@ -22,9 +22,9 @@ processes on one suite share its runs. Suites sharing an output directory share 
 common (same label, same config); a label whose existing run was made from a different config is an error.
 
 Run directories hold checkpoints and are not committed, so each finished run also leaves a small record
-(config, summary, metrics, marker) under `<results_dir>/runs/<output_dir's name>/<run>/`. A run whose directory is missing
-but whose record has the same config is restored from the record rather than retrained: a suite committed
-half-way resumes in a fresh clone.
+(config, summary, metrics, marker) under `<results_dir>/runs/<output_dir's name>/<run>/`. A run whose
+directory is missing but whose record has the same config is restored from the record rather than retrained:
+a suite committed half-way resumes in a fresh clone.
 """
 
 from __future__ import annotations

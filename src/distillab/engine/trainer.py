@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import distillab
 from distillab.config import AugmentConfig, TrainConfig
 from distillab.data import DataSplits, DeviceLoader
+from distillab.data.loader import derive_seed
 from distillab.engine.checkpoint import (
     CHECKPOINT_FILE,
     STUDENT_FILE,
@@ -119,7 +120,8 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.amp_dtype = autocast_dtype(self.cfg.amp, self.device)
-        local_batch = self._check_batch(len(data.train))
+        parts = method.train_parts(len(data.train))  # None: one loader over the whole training set
+        local_batch = self._check_batch(min(len(p) for p in parts) if parts else len(data.train))
         if self.world.distributed and not method.distributed_ok:
             raise DistillabError(f"method {method.name!r} keeps per-process state (e.g. a memory bank) and does not "
                                  "support data-parallel training: run it on one process")
@@ -134,10 +136,14 @@ class Trainer:
         self.method.to(self.device)
         if self.cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self.loader = DeviceLoader(data.train, local_batch, device=self.device, shuffle=True,
-                                   augment=augment, drop_last=self.cfg.drop_last, seed=seed,
-                                   rank=self.world.rank, world_size=self.world.world_size,
-                                   channels_last=self.cfg.channels_last, with_indices=method.needs_indices)
+        self.loaders = [
+            DeviceLoader(data.train if part is None else data.train.subset(part), local_batch, device=self.device,
+                         shuffle=True, augment=augment, drop_last=self.cfg.drop_last,
+                         seed=seed if part is None else derive_seed("train-part", k, seed), rank=self.world.rank,
+                         world_size=self.world.world_size, channels_last=self.cfg.channels_last,
+                         with_indices=method.needs_indices)
+            for k, part in enumerate(parts or [None])]
+        self.loader = self.loaders[0]
         self.eval_loaders = {  # every rank evaluates its own strided share of each split
             split: eval_loader(ds.subset(torch.arange(self.world.rank, len(ds), self.world.world_size)),
                                self.device, self.cfg.eval_batch_size, self.cfg.channels_last)
@@ -190,6 +196,7 @@ class Trainer:
             "step": step,
             "partial": partial or {},
             "method": self.method.trainable_state_dict(),
+            "method_extra": self.method.extra_state(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
@@ -207,6 +214,7 @@ class Trainer:
                                   "it was copied here from elsewhere")
         try:
             self.method.load_trainable_state_dict(state["method"])
+            self.method.load_extra_state(state.get("method_extra") or {})
             self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{path}: does not match this run's method/optimizer: {exc}") from None
@@ -288,6 +296,8 @@ class Trainer:
                 writer.close()
         summary = self._summary(time.perf_counter() - started)
         if self.writes:
+            with self._writing(self.run_dir):
+                summary.update(self.method.write_outputs(self.run_dir))
             with self._writing(self.run_dir / STUDENT_FILE):
                 save_safetensors(self.method.deploy_student(), self.run_dir / STUDENT_FILE,
                                  metadata={"model": str(self.info.get("student", ""))})
@@ -339,11 +349,13 @@ class Trainer:
         method.train()
         method.set_progress(epoch, cfg.epochs)
         first = self.start_step if epoch == self.start_epoch else 0
-        self.loader.set_epoch(epoch, start_batch=first)
-        steps = len(self.loader)
+        for loader in self.loaders:
+            loader.set_epoch(epoch, start_batch=first)
+        steps = min(len(loader) for loader in self.loaders)
         partial = self.partial if first else None
         self.partial = None
         sums: dict[str, torch.Tensor] = {k: v.to(self.device) for k, v in (partial or {}).get("sums", {}).items()}
+        logs: dict[str, torch.Tensor] = {k: v.to(self.device) for k, v in (partial or {}).get("logs", {}).items()}
         correct = torch.tensor((partial or {}).get("correct", 0), dtype=torch.long, device=self.device)
         seen = int((partial or {}).get("seen", 0))
         elapsed_before = float((partial or {}).get("elapsed", 0.0))
@@ -353,13 +365,16 @@ class Trainer:
         try:
             with self._progress() as progress:
                 task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, completed=first, terms="")
-                for step, batch in enumerate(self.loader, start=first):
-                    labels = batch[1]  # batch: (images, labels) or (images, labels, indices)
+                for step, batches in enumerate(zip(*self.loaders, strict=False), start=first):
+                    batch = sum(batches, ())  # (images, labels[, indices]) of every part, one after the other
+                    labels = batch[1]
                     lr = learning_rate(cfg.schedule, cfg.optim.lr, epoch, step, steps, cfg.epochs)
                     logits, terms = self.train_step(batch, lr)
                     with torch.no_grad():
                         for key, value in terms.items():
                             sums[key] = sums.get(key, 0) + value.detach().float() * len(labels)
+                        for key, value in self.method.take_logs().items():
+                            logs[key] = logs.get(key, 0) + value.detach().float() * len(labels)
                         correct += (logits.argmax(1) == labels).sum()
                     seen += len(labels)
                     if cfg.log_steps:
@@ -372,7 +387,8 @@ class Trainer:
                                         + f"  {rate * self.world.world_size:,.0f} img/s")
                     if step + 1 < steps and self._stop_now(step, refresh):
                         self._stop(epoch, step + 1, {
-                            "sums": {k: v.detach().cpu() for k, v in sums.items()}, "correct": int(correct.item()),
+                            "sums": {k: v.detach().cpu() for k, v in sums.items()},
+                            "logs": {k: v.detach().cpu() for k, v in logs.items()}, "correct": int(correct.item()),
                             "seen": seen, "elapsed": elapsed_before + time.perf_counter() - start})
         finally:
             if steps_log is not None:
@@ -386,6 +402,10 @@ class Trainer:
         record: dict[str, Any] = {"epoch": epoch + 1, "lr": lr, "loss": sum(means.values())}
         record.update({f"loss_{k}": v for k, v in means.items()})
         record["train_acc"] = 100.0 * totals[0] / totals[1]
+        if logs:  # what the method logs besides its loss terms, as epoch means
+            keys = list(logs)
+            values = all_reduce_sum(torch.stack([logs[k].double() for k in keys]), self.world) / totals[1]
+            record.update({f"log_{k}": v for k, v in zip(keys, values.tolist(), strict=True)})
         record["images_per_s"] = totals[1] / elapsed
         record["epoch_time_s"] = elapsed
         evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs

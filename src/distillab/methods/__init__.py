@@ -1,5 +1,5 @@
 """Distillation methods, one module each, registered by name."""
 
-from distillab.methods.base import Method, MethodOptions, available, build, get, register
+from distillab.methods.base import Method, MethodOptions, Stage, available, build, get, register, validate_options
 
-__all__ = ["Method", "MethodOptions", "available", "build", "get", "register"]
+__all__ = ["Method", "MethodOptions", "Stage", "available", "build", "get", "register", "validate_options"]

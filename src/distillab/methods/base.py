@@ -11,7 +11,9 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -87,6 +89,38 @@ class Method(nn.Module):
     def bind_train_set(self, train_labels: torch.Tensor) -> None:
         """Called by the trainer before training when `needs_indices`: the labels of the whole training set."""
 
+    # -- optional hooks (a bi-level search uses them all; most methods need none) ---------------------
+    def train_parts(self, n_train: int) -> list[torch.Tensor] | None:
+        """Disjoint parts of the training set (index tensors) to draw one batch from each per step; `forward` then
+        gets `(images, labels[, indices])` of every part, one after the other. None: the whole set, one batch."""
+        return None
+
+    @property
+    def fixed_epochs(self) -> int | None:
+        """The number of epochs the method's own schedule fixes (a search: groups x epochs per group), or None."""
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        """State the method keeps outside its modules (its own optimizers, say), saved in every checkpoint."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what `extra_state` returned."""
+
+    def take_logs(self) -> dict[str, torch.Tensor]:
+        """Values of the last step to log besides the loss terms (epoch means, as `log_<name>`); cleared here."""
+        return {}
+
+    def write_outputs(self, run_dir: Path) -> dict[str, Any]:
+        """Write what the method produces besides the student into the finished run's directory (rank 0 only);
+        returns entries for the run's summary."""
+        return {}
+
+    @classmethod
+    def stages(cls, options: MethodOptions) -> list[Stage]:
+        """The stages a multi-stage method runs before its own training (e.g. a search), in order."""
+        return []
+
     def set_progress(self, epoch: int, num_epochs: int) -> None:
         self.epoch, self.num_epochs = epoch, num_epochs
 
@@ -129,6 +163,22 @@ class Method(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the method: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One earlier stage of a multi-stage method, trained by the same engine into `<run>/stages/<name>/`.
+
+    `method` and `options` replace the run's method; `train` holds train-config keys laid over the run's (the
+    stage's own recipe); `link(options, stage_dir)` returns the final method's options, given the finished
+    stage's directory (e.g. pointing them at a file the stage wrote).
+    """
+
+    name: str
+    method: str
+    options: dict[str, Any]
+    train: dict[str, Any] = field(default_factory=dict)
+    link: Callable[[dict[str, Any], Path], dict[str, Any]] | None = None
 
 
 def validate_options(cls: type[Method], options: dict[str, Any]) -> MethodOptions:

@@ -5,8 +5,9 @@ target is the aggregation A_i = sum_j alpha_i^j T_i^j of the teacher's block out
 L = ce_weight * CE + gamma_fd * sum_i MSE(BN(Conv1x1(S_i)), A_i), S_i the student's stage output (Eqs. 3-4, the
 spec's Option A: identity teacher transform, mean squared error summed over groups; no logit KD).
 
-The weights alpha are fixed buffers (no gradient, saved in checkpoints): searched by `distillab search` (stage 1,
-`distillab.search.dfa`) and read from its aggregation.json (`mode: searched`), or the ablations `last` (one-hot on
+The weights alpha are fixed buffers (no gradient, saved in checkpoints): searched by stage 1 (`dfa_search`, run first
+into <run>/stages/search when `mode: searched` names no `weights`) and read from its aggregation.json, or from an
+existing one (`weights`), or the ablations `last` (one-hot on
 the last block: plain feature distillation, Eq. 1), `average` (uniform) and `random` (softmax of seeded N(0, 1)).
 `method.options.search` holds the stage-1 options; stage 2 ignores them.
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +25,18 @@ from pydantic import Field
 from torch import nn
 
 from distillab.errors import ConfigError
-from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.base import Method, MethodOptions, Stage, register
 from distillab.models.staged import StagedNet
 
 AGGREGATION_FILE = "aggregation.json"
 
 
 class DFASearchOptions(MethodOptions):
-    """Stage 1 (`distillab search`): Algorithm 1, first order, one group after the other."""
+    """Stage 1 of `dfa` (its `method.options.search`): Algorithm 1, first order, one group after the other."""
 
-    epochs_per_group: float = Field(10.0, gt=0, description="I_s: passes over the D_w half per group (may be "
-                                    "fractional); each step is one beta-step on D_beta and one w-step on D_w")
+    epochs_per_group: int = Field(10, ge=1, description="I_s: passes over the D_w half per group; each step is one "
+                                  "beta-step on D_beta and one w-step on D_w")
+    warmup_epochs: int = Field(0, ge=0, description="epochs of plain CE on D_w before the first group (a warm student)")
     gamma_ts: float = Field(1.0, ge=0, description="weight of the teacher-to-student path (CE through the student)")
     gamma_st: float = Field(1.0, ge=0, description="weight of the student-to-teacher path (2 - 2cos)")
     beta_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the architecture parameters")
@@ -46,17 +48,25 @@ class DFASearchOptions(MethodOptions):
     add_student_ce: bool = Field(False, description="add CE(student(x), y) to the w-step loss")
     split_seed: int = Field(0, description="seed of the 50/50 split of the training set into D_w and D_beta")
 
+    def stage_recipe(self) -> dict[str, Any]:
+        """The w-step's optimizer and schedule, as train-config keys of the search stage."""
+        return {"optim": {"name": "sgd", "lr": self.w_lr, "momentum": self.w_momentum, "nesterov": False,
+                          "weight_decay": self.w_weight_decay, "grad_clip": None},
+                "schedule": {"name": "constant", "warmup_epochs": 0.0},
+                "find_unused_parameters": True}  # the other groups' connectors are idle in a step
+
 
 class DFAOptions(MethodOptions):
     mode: Literal["searched", "last", "average", "random"] = Field(
         "searched", description="aggregation weights: from `weights` (searched), or the ablations")
-    weights: Path | None = Field(None, description=f"the {AGGREGATION_FILE} written by `distillab search` "
-                                 "(mode: searched)")
+    weights: Path | None = Field(None, description=f"an {AGGREGATION_FILE} (or its run directory) written by a "
+                                 "search; unset with mode searched: search first, as a stage of this run")
     random_seed: int = Field(0, description="seed of the mode-random weights")
     gamma_fd: float | None = Field(None, ge=0, description="weight of the feature distance; required (the spec "
                                    "gives no default; try 1, 10, 100)")
     ce_weight: float = Field(1.0, ge=0)
-    search: DFASearchOptions = Field(DFASearchOptions(), description="stage-1 options (`distillab search`)")
+    search: DFASearchOptions = Field(DFASearchOptions(), description="stage-1 options: with mode searched and no "
+                                     "weights, the search runs first, into <run>/stages/search")
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -144,13 +154,13 @@ def fixed_weights(opts: DFAOptions, sizes: list[int]) -> list[torch.Tensor]:
 def read_aggregation(path: Path | None, sizes: list[int]) -> list[torch.Tensor]:
     """The searched weights of an aggregation.json, checked against the teacher's group sizes."""
     if path is None:
-        raise ConfigError("method.options.weights is not set: mode searched reads the aggregation.json that "
-                          "`distillab search <config>` writes (or choose mode last, average or random)")
+        raise ConfigError("method.options.weights is not set: mode searched reads the aggregation.json of its "
+                          "search stage (or choose mode last, average or random)")
     path = Path(path).expanduser()
     if path.is_dir():
         path = path / AGGREGATION_FILE
     if not path.is_file():
-        raise ConfigError(f"method.options.weights: {path} does not exist; run `distillab search` first")
+        raise ConfigError(f"method.options.weights: {path} does not exist (leave weights unset to search first)")
     try:
         weights = [g["weights"] for g in json.loads(path.read_text())["groups"]]
     except (ValueError, KeyError, TypeError) as exc:
@@ -188,9 +198,20 @@ class DFA(Method):
                                         zip(self.groups.student_channels, self.groups.teacher_channels, strict=True))
         self.student_tap = self.tap(student, student.feature_names)
 
+    @classmethod
+    def stages(cls, options: DFAOptions) -> list[Stage]:
+        """Mode searched without `weights`: the search (`dfa_search`) first, then distil with what it found."""
+        if options.mode != "searched" or options.weights is not None:
+            return []
+        return [Stage("search", "dfa_search", options.search.model_dump(mode="json"), options.search.stage_recipe(),
+                      link=lambda opts, stage_dir: {**opts, "weights": str(stage_dir / AGGREGATION_FILE)})]
+
     @property
     def alphas(self) -> list[torch.Tensor]:
         return [getattr(self, f"alpha_{i}") for i in range(len(self.groups.sizes))]
+
+    def write_outputs(self, run_dir: Path) -> dict[str, Any]:
+        return {"aggregation": [alpha.tolist() for alpha in self.alphas]}  # the weights distilled with, per group
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)

@@ -1,5 +1,1 @@
-"""Search stages of multi-stage methods, run by `distillab search <config>`: DFA's aggregation-weight search."""
-
-from distillab.search.run import search_dir, search_run
-
-__all__ = ["search_dir", "search_run"]
+"""What a DFA search leaves in its run directory (the search itself is the `dfa_search` method, a stage of `dfa`)."""
