@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillab import models
+from distillab import methods, models
 from distillab.config import load_config
 from distillab.errors import ConfigError
 from distillab.methods import unikd
@@ -20,6 +20,7 @@ from distillab.run import train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_CONFIGS = sorted((ROOT / "configs/cifar100/unikd").glob("*.yaml"))
+VARIANT_B_CONFIGS = sorted((ROOT / "configs/cifar100/unikd_mlkd").glob("[!_]*.yaml"))
 FASHION_CONFIGS = sorted((ROOT / "configs/fashion_mnist").glob("unikd*.yaml"))
 
 
@@ -119,7 +120,8 @@ def config_pair(path):
     return cfg.teacher.name, cfg.student.name, cfg.method.options
 
 
-@pytest.mark.parametrize("path", CIFAR_CONFIGS + FASHION_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CIFAR_CONFIGS + VARIANT_B_CONFIGS + FASHION_CONFIGS,
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_fusion_output_matches_the_teacher_feature_for_every_configured_pair(path):
     teacher, student, options = config_pair(path)
     classes, shape = (10, (1, 28, 28)) if path in FASHION_CONFIGS else (100, (3, 32, 32))
@@ -398,3 +400,25 @@ def test_tiny_digits_run_trains(tmp_path, digits_teacher):
     assert {"loss_ce", "loss_dkd", "loss_feat", "loss_supp"} <= set(lines[0])
     assert lines[-1]["loss"] < lines[0]["loss"] and lines[-1]["loss_ce"] < lines[0]["loss_ce"]
     assert summary["test_acc"] > 30.0  # chance is 10%
+
+
+def test_with_its_feature_terms_at_zero_unikd_trains_the_student_exactly_as_dkd():
+    """The ablation unikd_no_feat must reproduce dkd: same loss and the same gradient on every student weight."""
+    grads = {}
+    for name, options in (("dkd", {"beta": 2.0, "warmup": 2}),
+                          ("unikd", {"dkd_beta": 2.0, "warmup": 2, "feat_weight": 0.0, "supp_weight": 0.0})):
+        torch.manual_seed(0)
+        student = models.build("resnet8", num_classes=10, in_channels=1)
+        torch.manual_seed(1)
+        teacher = models.build("resnet14", num_classes=10, in_channels=1)
+        method = methods.build(name, student, teacher, input_shape=(1, 16, 16), **options)
+        method.set_progress(0, 10)
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.randn(8, 1, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+        _, terms = method(x, y)
+        sum(terms.values()).backward()
+        grads[name] = {k: p.grad.clone() for k, p in student.named_parameters()}
+        grads[name + "_loss"] = sum(terms.values()).item()
+    assert grads["unikd_loss"] == pytest.approx(grads["dkd_loss"], rel=1e-6)
+    for key, value in grads["dkd"].items():
+        torch.testing.assert_close(grads["unikd"][key], value, rtol=1e-5, atol=1e-7)

@@ -21,6 +21,7 @@ import torch
 
 from distillab.config import AugmentConfig
 from distillab.data.base import ImageDataset
+from distillab.data.randaugment import draw_strong, rand_augment
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -58,12 +59,14 @@ class DeviceLoader:
     The uint8 dataset is copied to `device` once. `shuffle=False, augment=None` gives an evaluation
     loader (dataset order). With `drop_last`, the last partial batch is dropped. No worker processes.
     With `with_indices`, batches are `(x, y, idx)`, idx (int64, on the device) the images' dataset positions.
+    With `strong_view`, each batch ends with a second, strongly augmented view of the same images (its own crop
+    and flip, RandAugment and Cutout: `distillab.data.randaugment`), made on the device.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, device: str | torch.device = "cpu",
                  shuffle: bool = True, augment: AugmentConfig | None = None, drop_last: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                 with_indices: bool = False) -> None:
+                 with_indices: bool = False, strong_view: bool = False) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -81,6 +84,7 @@ class DeviceLoader:
         self.world_size = world_size
         self.channels_last = channels_last
         self.with_indices = with_indices
+        self.strong_view = strong_view
         self.padding = augment.crop_padding if augment is not None else 0
         self.flip = augment.flip if augment is not None else False
         self.shard_size = n // world_size if drop_last else math.ceil(n / world_size)
@@ -98,6 +102,7 @@ class DeviceLoader:
         std = torch.tensor(dataset.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._scale = 1.0 / (255.0 * std)  # (x/255 - mean)/std == x * scale - shift
         self._shift = mean / std
+        self._fill = (mean * 255.0).flatten()  # Cutout's colour: the dataset's mean
         self.epoch = 0
         self._start_batch = 0
 
@@ -159,11 +164,21 @@ class DeviceLoader:
             flips = (torch.rand(total, generator=gen) < 0.5)[positions].to(self.device)
         return offsets, flips
 
+    def _epoch_strong(self, epoch: int, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The strong view's crops, flips, ops and Cutouts for the given global positions of `epoch`."""
+        total = self.shard_size * self.world_size
+        gen = torch.Generator().manual_seed(derive_seed("strong", self.seed, epoch))
+        draws = {"offsets": torch.randint(0, 2 * self.padding + 1, (total, 2), generator=gen) if self.padding
+                 else None, "flips": torch.rand(total, generator=gen) < 0.5 if self.flip else None,
+                 **draw_strong(total, gen)}
+        return {k: v[positions].to(self.device) for k, v in draws.items() if v is not None}
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         start, self._start_batch = self._start_batch, 0
         indices, positions = self._epoch_order(self.epoch)
         indices = indices.to(self.device)
         offsets, flips = self._epoch_augment(self.epoch, positions) if self.augmenting else (None, None)
+        strong = self._epoch_strong(self.epoch, positions) if self.strong_view else {}
         for b in range(start, len(self)):
             batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
             idx = indices[batch]
@@ -171,7 +186,12 @@ class DeviceLoader:
             if self.augmenting:
                 x = crop_flip(x, self.padding, None if offsets is None else offsets[batch],
                               None if flips is None else flips[batch])
-            x = x.float().mul_(self._scale).sub_(self._shift)
+            views = [x]
+            if self.strong_view:
+                d = {k: v[batch] for k, v in strong.items()}
+                x_strong = crop_flip(self.images[idx], self.padding, d.get("offsets"), d.get("flips"))
+                views.append(rand_augment(x_strong, d["ops"], d["magnitudes"], d["cutout"], self._fill))
+            views = [v.float().mul_(self._scale).sub_(self._shift) for v in views]
             if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield (x, self.labels[idx], idx) if self.with_indices else (x, self.labels[idx])
+                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+            yield (views[0], self.labels[idx], *([idx] if self.with_indices else []), *views[1:])

@@ -141,7 +141,7 @@ class Trainer:
                          shuffle=True, augment=augment, drop_last=self.cfg.drop_last,
                          seed=seed if part is None else derive_seed("train-part", k, seed), rank=self.world.rank,
                          world_size=self.world.world_size, channels_last=self.cfg.channels_last,
-                         with_indices=method.needs_indices)
+                         with_indices=method.needs_indices, strong_view="strong" in method.extra_views)
             for k, part in enumerate(parts or [None])]
         self.loader = self.loaders[0]
         self.eval_loaders = {  # every rank evaluates its own strided share of each split

@@ -46,6 +46,7 @@ class Method(nn.Module):
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     requires_teacher: ClassVar[bool] = True
     needs_indices: ClassVar[bool] = False
+    extra_views: tuple[str, ...] = ()  # ("strong",): each batch also brings a strongly augmented view (forward's last)
     distributed_ok: ClassVar[bool] = True  # False for methods with per-process state (memory banks)
     name: ClassVar[str] = ""
 

@@ -8,8 +8,11 @@ Intermediate knowledge is turned into the same distributional form as the logits
   diagonal Gaussian over K = number of classes and draw a reparameterised sample z.
 - L = ce + ramp * logit (DKD or KD) + feat_weight * L_feat + supp_weight * (KD(z_s, logits_s) + KD(z_t, logits_t)),
   where L_feat is the temperature-softmax KL between the samples (`kl: sampled`, the authors' code) or the
-  closed-form KL between the two Gaussians (`kl: closed_form`). Variant A of the spec (DKD base); nothing of
-  UniKD is used at test time.
+  closed-form KL between the two Gaussians (`kl: closed_form`). That is the spec's Variant A (`logit_loss: dkd`).
+- Variant B (`logit_loss: mlkd`, the authors' final configs): two views per batch (the loader's weak and strong
+  views), the logit term is MLKD's (`distillab.methods.mlkd`: CE on both views, kd, cc and bc) with no warm-up,
+  and the UniKD terms (feat, supp) are computed on each view and summed.
+Nothing of UniKD is used at test time.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from distillab.errors import ConfigError
 from distillab.methods.base import Method, MethodOptions, register
 from distillab.methods.dkd import dkd_loss
 from distillab.methods.kd import kd_loss
+from distillab.methods.mlkd import mlkd_terms
 from distillab.methods.reviewkd import gated_sum
 from distillab.models.wrn import PreActBlock
 
@@ -138,12 +142,16 @@ def _zoo_levels(model: nn.Module, fix: str) -> list[str]:
 
 class UniKDOptions(MethodOptions):
     ce_weight: float = Field(1.0, ge=0)
-    logit_loss: Literal["dkd", "kd"] = Field("dkd", description="logit term: DKD (spec Variant A) or KD")
+    logit_loss: Literal["dkd", "kd", "mlkd"] = Field(
+        "dkd", description="logit term: DKD (spec Variant A), KD, or MLKD on two views (Variant B)")
     logit_weight: float = Field(1.0, ge=0)
     temperature: float = Field(4.0, gt=0, description="temperature of the logit term")
     dkd_alpha: float = Field(1.0, ge=0, description="TCKD weight (logit_loss: dkd)")
-    dkd_beta: float = Field(8.0, ge=0, description="NCKD weight (logit_loss: dkd); 2 or 6 for some CIFAR pairs")
-    warmup: int = Field(20, ge=0, description="epochs of linear warm-up of the logit term, min(epoch/warmup, 1)")
+    dkd_beta: float = Field(8.0, ge=0, description="NCKD weight (logit_loss: dkd): DKD's per-pair value (8, 6 or 2)")
+    warmup: int | None = Field(None, ge=0, description="epochs of linear warm-up of the logit term, "
+                               "min(epoch/warmup, 1); default 20 for dkd and kd, none for mlkd")
+    mlkd_quirk: bool = Field(True, description="logit_loss mlkd: the reference's strong-view KD sum takes T = 2 and "
+                             "6 from the weak view")
     kl: Literal["sampled", "closed_form"] = Field(
         "sampled", description="feature constraint: softmax KL between samples, or the Gaussians' closed-form KL")
     kl_direction: Literal["t_to_s", "s_to_t"] = Field(
@@ -195,6 +203,7 @@ class UniKD(Method):
         self.fdp_teacher = GaussianHead(t_shape[0], s_shapes[""][0])
         self.student_tap = self.tap(student, s_names)
         self.teacher_tap = self.tap(teacher, [t_name])
+        self.extra_views = ("strong",) if o.logit_loss == "mlkd" else ()
 
     @staticmethod
     def _teacher_levels(teacher: nn.Module, levels: int) -> list[str]:
@@ -205,25 +214,36 @@ class UniKD(Method):
                               "set method.options.prune_unused=true")
         return names
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor):
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, strong: torch.Tensor | None = None):
         o = self.opts
-        logits = self.student(images)
-        fused = self.aff(self.student_tap.take())
-        teacher_logits = self.teacher_forward(images)
-        (teacher_feature,) = self.teacher_tap.take()
-        student_dist = self.fdp_student(fused)
-        teacher_dist = self.fdp_teacher(teacher_feature)
-        logits_target = logits.detach() if o.detach_targets else logits
-        feat_target = tuple(t.detach() for t in teacher_dist) if o.detach_targets else teacher_dist
-        supp = (kd_loss(student_dist[0], logits_target, o.dist_temperature)
-                + kd_loss(teacher_dist[0], teacher_logits, o.dist_temperature))
-        ramp = min((self.epoch + 1) / o.warmup, 1.0) if o.warmup else 1.0  # epochs counted from 1
-        return logits, {
-            "ce": o.ce_weight * F.cross_entropy(logits, labels),
-            o.logit_loss: ramp * o.logit_weight * self._logit_loss(logits, teacher_logits, labels),
-            "feat": o.feat_weight * self._feature_loss(student_dist, feat_target),
-            "supp": o.supp_weight * supp,
-        }
+        views = [images] if strong is None else [images, strong]
+        outputs = []  # per view: student logits and the fused map (two student forwards: BN sees one view each)
+        for x in views:
+            outputs.append((self.student(x), self.aff(self.student_tap.take())))
+        with torch.no_grad():
+            teacher_logits = self.teacher(torch.cat(views)).split(len(images))
+            teacher_features = self.teacher_tap.take()[0].split(len(images))
+        logits = outputs[0][0]
+        terms = {"ce": o.ce_weight * sum(F.cross_entropy(s_logits, labels) for s_logits, _ in outputs)}
+        if o.logit_loss == "mlkd":
+            mlkd = mlkd_terms(logits, teacher_logits[0], outputs[1][0], teacher_logits[1], quirk=o.mlkd_quirk)
+            terms.update({k: o.logit_weight * v for k, v in mlkd.items()})
+        else:
+            warmup = 20 if o.warmup is None else o.warmup
+            ramp = min((self.epoch + 1) / warmup, 1.0) if warmup else 1.0  # epochs counted from 1
+            terms[o.logit_loss] = ramp * o.logit_weight * self._logit_loss(logits, teacher_logits[0], labels)
+        feat = supp = 0.0
+        for (s_logits, fused), t_logits, t_feature in zip(outputs, teacher_logits, teacher_features, strict=False):
+            student_dist = self.fdp_student(fused)
+            teacher_dist = self.fdp_teacher(t_feature)
+            logits_target = s_logits.detach() if o.detach_targets else s_logits
+            feat_target = tuple(t.detach() for t in teacher_dist) if o.detach_targets else teacher_dist
+            feat = feat + self._feature_loss(student_dist, feat_target)
+            supp = supp + (kd_loss(student_dist[0], logits_target, o.dist_temperature)
+                           + kd_loss(teacher_dist[0], t_logits, o.dist_temperature))
+        terms["feat"] = o.feat_weight * feat
+        terms["supp"] = o.supp_weight * supp
+        return logits, terms
 
     def _logit_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         o = self.opts
