@@ -333,6 +333,7 @@ def test_search_then_distil_is_one_run_of_two_stages(tmp_path, capsys):
     search = run / "stages" / "search"
     record = json.loads((search / "aggregation.json").read_text())
     assert (search / "aggregation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (search / "search_dynamics.png").read_bytes()[:4] == b"\x89PNG"  # per-path beta gradients, alpha
     stage_cfg = load_config(search / "config.yaml")
     assert (stage_cfg.method.name, stage_cfg.train.epochs, stage_cfg.train.optim.lr) == ("dfa_search", 3, 0.05)
     assert stage_cfg.train.schedule.name == "constant"

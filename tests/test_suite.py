@@ -1,6 +1,7 @@
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,11 +9,13 @@ import yaml
 from distillab.bench.plots import curves_of
 from distillab.bench.report import report
 from distillab.bench.stats import paired_difference, verdict
-from distillab.bench.suite import load_suite, run_suite, tune_suite
+from distillab.bench.suite import entry_config, grid_points, load_suite, overrides_of, run_suite, tune_suite
 from distillab.cli import main
 from distillab.engine.checkpoint import CHECKPOINT_FILE
 from distillab.engine.lock import RunLock, RunLockedError
 from distillab.errors import ConfigError, DistillabError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_suite_of_two_methods_two_seeds_aggregates_and_resumes(tmp_path):
@@ -230,3 +233,16 @@ def test_the_shipped_teacher_loads_and_matches_the_budgets_sha256(monkeypatch):
     assert summary["student"] == budget["teacher"]["name"] and summary["dataset"] == "fashion_mnist"
     suite = load_suite(root / "suites/fashion_mnist_leaderboard.yaml")  # the leaderboard validates as shipped
     assert suite.reference == "kd" and suite.budget == Path("configs/fashion_mnist/_converged.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "suites").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_suite_resolves_every_entry(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # suites name their configs relative to the repository
+    suite = load_suite(path.relative_to(ROOT))
+    for label in suite.runs:
+        cfg = entry_config(suite, label, 0)
+        assert cfg.run_name == f"{label}_s0"
+    if suite.tune:
+        for label, grid in suite.tune.grids.items():
+            for point in grid_points(grid):
+                entry_config(suite, label, suite.tune.seeds[0], overrides_of(point))

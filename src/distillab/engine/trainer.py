@@ -370,15 +370,16 @@ class Trainer:
                     labels = batch[1]
                     lr = learning_rate(cfg.schedule, cfg.optim.lr, epoch, step, steps, cfg.epochs)
                     logits, terms = self.train_step(batch, lr)
+                    step_logs = self.method.take_logs()
                     with torch.no_grad():
                         for key, value in terms.items():
                             sums[key] = sums.get(key, 0) + value.detach().float() * len(labels)
-                        for key, value in self.method.take_logs().items():
+                        for key, value in step_logs.items():
                             logs[key] = logs.get(key, 0) + value.detach().float() * len(labels)
                         correct += (logits.argmax(1) == labels).sum()
                     seen += len(labels)
                     if cfg.log_steps:
-                        self._log_step(steps_log, epoch, step, lr, terms, len(labels))
+                        self._log_step(steps_log, epoch, step, lr, {**terms, **step_logs}, len(labels))
                     if (step + 1) % refresh == 0 or step + 1 == steps:
                         means = self._check_finite(sums, seen, epoch, step)
                         rate = seen / (elapsed_before + time.perf_counter() - start)
@@ -435,7 +436,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
     def _log_step(self, log, epoch: int, step: int, lr: float, terms: dict[str, torch.Tensor], n: int) -> None:
-        """One line per step: the global batch's mean loss terms (all ranks take part in the reduction)."""
+        """One line per step: the global batch's mean loss terms and logged values (all ranks take part in the
+        reduction)."""
         values = torch.stack([v.detach().float() * n for v in terms.values()]
                              + [torch.tensor(float(n), device=self.device)])
         values = all_reduce_sum(values, self.world).tolist()

@@ -161,7 +161,13 @@ class DFASearch(Method):
 
     def write_outputs(self, run_dir: Path) -> dict[str, Any]:
         """aggregation.json (each group's candidate names, beta and weights) and its heat-map."""
-        from distillab.search.report import HEATMAP_FILE, plot_aggregation, write_aggregation
+        from distillab.search.report import (
+            DYNAMICS_FILE,
+            HEATMAP_FILE,
+            plot_aggregation,
+            plot_search_dynamics,
+            write_aggregation,
+        )
 
         groups = [{"names": names, "beta": beta.detach().cpu().tolist(), "weights": alpha.detach().cpu().tolist()}
                   for names, beta, alpha in zip(self.groups.names, self.betas, self.alphas(), strict=True)]
@@ -171,4 +177,5 @@ class DFASearch(Method):
         pair = f"{(cfg.get('teacher') or {}).get('name')} -> {(cfg.get('student') or {}).get('name')}"
         plot_aggregation(run_dir / HEATMAP_FILE, [g["weights"] for g in groups],
                          f"DFA weights: {pair} on {(cfg.get('data') or {}).get('name')}")
+        plot_search_dynamics(run_dir, run_dir / DYNAMICS_FILE)
         return {"aggregation": [g["weights"] for g in groups]}

@@ -41,3 +41,41 @@ def plot_aggregation(path: Path, weights: list[list[float]], title: str) -> None
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="alpha")
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+
+
+DYNAMICS_FILE = "search_dynamics.png"
+
+
+def plot_search_dynamics(run_dir: Path, path: Path) -> Path | None:
+    """Per group, each path's gradient on each beta_j (TS solid, ST dashed; a negative gradient raises alpha_j)
+    and alpha_j, over the search's steps (steps.jsonl, written with train.log_steps) or else its epochs
+    (metrics.jsonl). None when the run logged no search values."""
+    from matplotlib.figure import Figure
+
+    source = Path(run_dir) / ("steps.jsonl" if (Path(run_dir) / "steps.jsonl").is_file() else "metrics.jsonl")
+    records = [json.loads(line) for line in source.read_text().splitlines() if line.strip()] if source.is_file() else []
+    prefix = "" if source.name == "steps.jsonl" else "log_"
+    groups = sorted({int(k[len(prefix) + 1:].split("_")[0]) for r in records for k in r
+                     if k.startswith(f"{prefix}g") and "_alpha_" in k})
+    if not groups:
+        return None
+    fig = Figure(figsize=(4.2 * len(groups), 6.0), layout="constrained")
+    axes = fig.subplots(2, len(groups), squeeze=False)
+    for col, g in enumerate(groups):
+        rows = [r for r in records if f"{prefix}g{g}_alpha_0" in r]
+        x = np.arange(len(rows))
+        candidates = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith(f"{prefix}g{g}_alpha_")})
+        for j in candidates:
+            line, = axes[0, col].plot(x, [r[f"{prefix}g{g}_ts_grad_{j}"] for r in rows], label=f"TS, block {j}")
+            axes[0, col].plot(x, [r[f"{prefix}g{g}_st_grad_{j}"] for r in rows], "--", color=line.get_color(),
+                              label=f"ST, block {j}")
+            axes[1, col].plot(x, [r[f"{prefix}g{g}_alpha_{j}"] for r in rows], color=line.get_color(),
+                              label=f"block {j}")
+        axes[0, col].axhline(0.0, color="grey", lw=0.5)
+        axes[0, col].set_title(f"group {g}: gradient on beta", fontsize=9)
+        axes[1, col].set_title(f"group {g}: alpha", fontsize=9)
+        for ax in axes[:, col]:
+            ax.set_xlabel("step" if prefix == "" else "epoch")
+            ax.legend(fontsize=7)
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return Path(path)
