@@ -23,6 +23,7 @@ from distillab.errors import CheckpointError, ConfigError, DistillabError
 
 CONFIG_FILE = "config.yaml"
 RUN_MARKER = ".distillab-run"  # written into every run directory distillab creates; --force deletes only these
+STAGES_DIR = "stages"  # a multi-stage run's earlier stages: <run>/stages/<stage>/, each a run directory
 
 
 def build_models(cfg: RunConfig, data: DataSplits, with_teacher: bool = True
@@ -156,9 +157,6 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
         return [d for key in sorted(set(a) | set(b), key=str)
                 for d in _differences(a.get(key), b.get(key), f"{prefix}{key}.")]
     return [] if a == b else [prefix.rstrip(".")]
-
-
-STAGES_DIR = "stages"  # a multi-stage run's earlier stages: <run>/stages/<stage>/, each a run directory
 
 
 def stage_configs(cfg: RunConfig) -> list[tuple[methods.Stage, RunConfig]]:
