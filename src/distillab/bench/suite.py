@@ -190,11 +190,14 @@ def train_all(configs: dict[Any, RunConfig], console: Console) -> None:
             cfg = configs[key]
             if (cfg.run_dir / SUMMARY_FILE).is_file():
                 continue  # finished by another process meanwhile
-            holder = RunLock(cfg.run_dir).holder() if cfg.run_dir.is_dir() else None
-            if holder is not None:
+            if _held(cfg):
                 deferred.append(key)
                 continue
-            eta = f", about {_minutes(statistics.mean(durations) * (len(todo) - i + 1))} left" if durations else ""
+            eta = ""
+            if durations:  # the unfinished runs from here, shared with the processes training the others
+                remaining = [k for k in todo[i - 1:] if not (configs[k].run_dir / SUMMARY_FILE).is_file()]
+                others = sum(1 for k in todo if _held(configs[k]))
+                eta = f", about {_minutes(statistics.mean(durations) * len(remaining) / (1 + others))} left"
             console.rule(f"[{i}/{len(todo)}] {cfg.run_name} ({_minutes(time.perf_counter() - started)} "
                          f"elapsed{eta})")
             run_start = time.perf_counter()
@@ -210,6 +213,10 @@ def train_all(configs: dict[Any, RunConfig], console: Console) -> None:
             console.print(f"waiting for {len(todo)} run(s) that another process is training: "
                           + ", ".join(configs[k].run_name for k in todo))
             time.sleep(WAIT_S)
+
+
+def _held(cfg: RunConfig) -> bool:
+    return cfg.run_dir.is_dir() and RunLock(cfg.run_dir).holder() is not None
 
 
 def _finished(cfg: RunConfig) -> dict[str, Any] | None:
