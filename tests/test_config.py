@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from distillab.config import ScheduleConfig, load_config
@@ -85,3 +87,10 @@ def test_default_milestones_scale_with_the_run():
     cfg = ScheduleConfig()
     lrs = [learning_rate(cfg, 1.0, e, 0, 10, 8) for e in range(8)]  # milestones 5, 6, 7
     assert lrs == pytest.approx([1, 1, 1, 1, 1, 0.1, 0.01, 0.001])
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml")
+                                        if not p.name.startswith("_")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_shipped_config_and_its_method_options_validate(path):
+    cfg = load_config(path)  # method options included: checked against the method's Options model
+    assert cfg.method.name

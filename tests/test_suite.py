@@ -246,3 +246,12 @@ def test_every_shipped_suite_resolves_every_entry(path, monkeypatch):
         for label, grid in suite.tune.grids.items():
             for point in grid_points(grid):
                 entry_config(suite, label, suite.tune.seeds[0], overrides_of(point))
+
+
+def test_a_typo_in_the_last_entry_is_refused_before_the_first_run(tmp_path):
+    suite_file, _ = write_suite(tmp_path)
+    suite_file.write_text(suite_file.read_text() + f"  typo: {{config: {tmp_path / 'ce.yaml'}, "
+                          "set: [method.options.label_smothing=0.1]}\n")
+    with pytest.raises(ConfigError, match=r"label_smothing: unknown key; did you mean 'label_smoothing'"):
+        run_suite(load_suite(suite_file), seeds=1)
+    assert not (tmp_path / "runs").exists()  # nothing was trained

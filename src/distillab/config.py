@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from distillab.errors import ConfigError
+from distillab.errors import ConfigError, DistillabError
 
 MAX_YAML_ALIASES = 64  # a config needs few; an "alias bomb" uses a handful to expand into billions of nodes
 
@@ -324,9 +324,26 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[s
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
-        return RunConfig.model_validate(tree)
+        cfg = RunConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, RunConfig, where)) from None
+    check_method(cfg.method, where)
+    return cfg
+
+
+def check_method(method: MethodConfig, where: str = "") -> None:
+    """The method is registered and its options fit its Options model: checked with the config, before any data
+    or teacher is loaded (a suite refuses a typo in its last entry before its first run)."""
+    from distillab import methods  # the methods import this module
+
+    try:
+        cls = methods.get(method.name)
+    except DistillabError as exc:
+        raise ConfigError(f"{where}method.name: {exc}") from None
+    try:
+        cls.Options(**method.options)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, cls.Options, f"{where}method.options.")) from None
 
 
 def dump_config(cfg: RunConfig) -> str:
