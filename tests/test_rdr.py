@@ -587,6 +587,17 @@ def test_export_of_another_method_is_its_student(tmp_path, digits_teacher, capsy
     assert exported.keys() == shipped.keys() and all(torch.equal(exported[k], shipped[k]) for k in shipped)
 
 
+def test_export_of_a_memory_bank_method_works(tmp_path, digits_teacher):
+    """CRD's memory bank is made from the training set's labels: export builds the same complete method."""
+    cfg = digits_config(tmp_path, digits_teacher, "crd", "method.name=crd",
+                        "method.options={num_negatives: 64, feat_dim: 16}", "train.epochs=1")
+    train_run(cfg)
+    out = tmp_path / "crd.safetensors"
+    assert main(["export", str(cfg.run_dir), "--output", str(out)]) == 0
+    exported, shipped = load_file(str(out)), load_file(str(cfg.run_dir / "student.safetensors"))
+    assert exported.keys() == shipped.keys() and all(torch.equal(exported[k], shipped[k]) for k in shipped)
+
+
 def test_export_needs_a_checkpoint(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

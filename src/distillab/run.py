@@ -64,6 +64,8 @@ def build_method(cfg: RunConfig, data: DataSplits) -> tuple[methods.Method, dict
     method_cls = methods.get(cfg.method.name)
     teacher, student, info = build_models(cfg, data, method_cls.requires_teacher)
     method = methods.build(cfg.method.name, student, teacher, input_shape=data.image_shape, **cfg.method.options)
+    if method.needs_indices:  # complete before any Trainer: export and eval load into the same object
+        method.bind_train_set(data.train.labels)
     return method, info
 
 
