@@ -136,3 +136,16 @@ def test_truncated_checkpoint_is_refused(tmp_path):
 def test_teacherless_kd_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="needs a teacher"):
         train_run(config(tmp_path, "method.name=kd"))
+
+
+def test_a_method_built_for_other_inputs_than_the_data_is_one_clear_error():
+    from distillab import methods, models
+    from distillab.data import load_digits
+    from distillab.engine.trainer import Trainer
+
+    student = models.build("resnet8", num_classes=10, in_channels=1)
+    teacher = models.build("resnet14", num_classes=10, in_channels=1)
+    method = methods.build("reviewkd", student, teacher)  # shapes inferred for the default 32x32
+    with pytest.raises(DistillabError, match=r"built for 1x32x32 inputs but the data are 1x8x8: build it with "
+                                             r"input_shape=\(1, 8, 8\)"):
+        Trainer(method, load_digits())

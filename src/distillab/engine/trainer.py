@@ -120,6 +120,10 @@ class Trainer:
         if self.device.type == "cpu":
             keep_freed_memory()
         self.amp_dtype = autocast_dtype(self.cfg.amp, self.device)
+        if tuple(method.input_shape) != tuple(data.image_shape):
+            shape = "x".join(map(str, data.image_shape))
+            raise DistillabError(f"the method was built for {'x'.join(map(str, method.input_shape))} inputs but the "
+                                 f"data are {shape}: build it with input_shape={tuple(data.image_shape)}")
         parts = method.train_parts(len(data.train))  # None: one loader over the whole training set
         local_batch = self._check_batch(min(len(p) for p in parts) if parts else len(data.train))
         if self.world.distributed and not method.distributed_ok:
