@@ -149,3 +149,11 @@ def test_a_method_built_for_other_inputs_than_the_data_is_one_clear_error():
     with pytest.raises(DistillabError, match=r"built for 1x32x32 inputs but the data are 1x8x8: build it with "
                                              r"input_shape=\(1, 8, 8\)"):
         Trainer(method, load_digits())
+
+
+def test_train_deterministic_turns_on_torchs_deterministic_algorithms(tmp_path):
+    try:
+        train_run(config(tmp_path, "method.name=ce", "train.deterministic=true", "train.epochs=1"))
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -149,7 +149,8 @@ class TrainConfig(StrictModel):
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
     compile: bool = Field(False, description="torch.compile the method")
     channels_last: bool = Field(True, description="channels-last memory format (faster on the 2-core CPU too)")
-    deterministic: bool = Field(False, description="deterministic algorithms (slower on GPU)")
+    deterministic: bool = Field(False, description="torch's deterministic algorithms, for the whole process "
+                                "(slower on GPU; an op without one is an error)")
     tensorboard: bool = False
     progress: bool = Field(True, description="rich progress bar")
     checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints")

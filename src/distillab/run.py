@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from collections.abc import Callable
@@ -188,6 +189,9 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
     into <run>/stages/<name>, skipped once finished); returns its summary."""
     world = init_world(resolve_device(cfg.train.device))
     console = console or Console(quiet=not world.is_main)
+    if cfg.train.deterministic:  # process-wide, so set here rather than by the Trainer
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
+        torch.use_deterministic_algorithms(True)
     run_dir = cfg.run_dir
     stages = stage_configs(cfg)  # every stage's config is valid before anything is done
     check_run_dir(run_dir, resume, force, staged=bool(stages))
