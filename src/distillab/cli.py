@@ -63,6 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_search)
 
+    p = sub.add_parser("convert", help="weights in another layout (RepDistiller, mdistiller) as a zoo safetensors file")
+    p.add_argument("input", type=Path, help="a .pth/.pt checkpoint, a .safetensors file or a run directory")
+    p.add_argument("output", type=Path, help="the .safetensors file to write")
+    p.add_argument("--model", required=True, help="the zoo model the weights are for, e.g. resnet32x4")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    _debug_flag(p)
+    p.set_defaults(func=_convert)
+
     p = sub.add_parser("eval", help="test accuracy of a run's saved student")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -175,6 +185,22 @@ def _search(args: argparse.Namespace) -> int:
     raise DistillabError("`distillab search` is gone: a search is now the first stage of its method's run. Run "
                          "`distillab train CONFIG` (method dfa, mode searched, no method.options.weights): it searches "
                          "into RUN/stages/search (aggregation.json, aggregation.png), then distils, resumably")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from distillab import models
+    from distillab.engine.checkpoint import load_weights, save_safetensors
+
+    if args.output.exists() and not args.force:
+        raise DistillabError(f"{args.output} exists: pass --force to overwrite it")
+    if args.output.is_dir():
+        raise DistillabError(f"{args.output} is a directory: name the .safetensors file to write")
+    model = models.build(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
+    load_weights(model, args.input, args.model)  # any known layout, checked key by key
+    save_safetensors(model, args.output, metadata={"model": args.model, "converted_from": str(args.input)})
+    Console().print(f"[bold green]done[/]: {args.model} ({sum(p.numel() for p in model.parameters()):,} "
+                    f"parameters) -> {args.output}")
+    return 0
 
 
 def _eval(args: argparse.Namespace) -> int:

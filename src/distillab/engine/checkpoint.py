@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,8 +75,9 @@ def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | N
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Weights from a run directory (its student.safetensors), a .safetensors file, or a .pt/.pth file.
 
-    A .pt/.pth may hold a bare state dict or one under "model" / "state_dict" (RepDistiller and
-    mdistiller teacher checkpoints keep it under "model").
+    A .pt/.pth may hold a bare state dict or one under "model", "net" or "state_dict" (RepDistiller and
+    mdistiller teacher checkpoints keep it under "model"; RepDistiller's `*_last.pth` also pickles its argparse
+    options, which are allowed and ignored: nothing else is unpickled).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -95,11 +98,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{path}: unreadable safetensors file: {_first_line(exc)}") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable weights file (truncated, corrupt, or not "
-                              f"loadable with weights_only=True): {_first_line(exc)}") from None
-    for key in ("model", "state_dict"):
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"{path}: holds objects other than tensors, which weights_only=True refuses to "
+                              f"unpickle: {_first_line(exc)}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable weights file (truncated or corrupt): {_first_line(exc)}") from None
+    for key in ("model", "net", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
             break
@@ -110,8 +116,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_weights(model: nn.Module, path: Path, what: str = "model") -> str:
     """Load weights into `model` strictly; the error names the first mismatching key. Returns the file's SHA-256."""
-    state = read_state_dict(path)
-    check_state_dict(model, state, f"{what} weights {path}")
+    from distillab.models.peer_layouts import to_zoo_layout  # models import this module
+
+    where = f"{what} weights {path}"
+    state = to_zoo_layout(model, read_state_dict(path), where)
+    check_state_dict(model, state, where)
     model.load_state_dict(state, strict=True)
     file = Path(path).expanduser()
     return sha256(file / STUDENT_FILE if file.is_dir() else file)
@@ -144,5 +153,5 @@ def sha256(path: Path) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()  # no terminal colour codes
     return text[0] if text else type(exc).__name__

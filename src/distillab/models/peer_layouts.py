@@ -1,0 +1,104 @@
+"""Published CIFAR checkpoints in our zoo's layout: RepDistiller's and mdistiller's model files name the modules of
+the same networks differently (`layer1.0.conv1` for our `stages.0.0.conv1`, `fc` for `head.fc`, ...).
+
+One explicit rule list per architecture family, written from those repositories' module names: every key of the
+file must match a rule of the model's family, and the result is then checked key by key and shape by shape like
+any other weights file (the first key that fails is named). Only the families that the published CIFAR teachers use
+are mapped: CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4), wide ResNets, VGGs with BN and the
+ImageNet-style ResNet18/34/50.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+
+import torch
+
+from distillab.errors import CheckpointError
+
+Rule = tuple[re.Pattern, Callable[[re.Match], str]]
+
+
+def _stage(prefix: str) -> Callable[[re.Match], str]:
+    """layer<l>.<i>.<rest> (or block<l>.layer.<i>.) -> stages.<l-1>.<i>.<prefix><rest>."""
+    return lambda m: f"stages.{int(m['stage']) - 1}.{m['block']}.{prefix}{m['rest']}"
+
+
+def _rules(*pairs: tuple[str, Callable[[re.Match], str] | str]) -> list[Rule]:
+    return [(re.compile(pattern), (lambda m, r=repl: m.expand(r)) if isinstance(repl, str) else repl)
+            for pattern, repl in pairs]
+
+
+_RESNET_BLOCK = r"^layer(?P<stage>\d)\.(?P<block>\d+)\."
+RULES: dict[str, list[Rule]] = {
+    # RepDistiller/mdistiller models/resnet.py: conv1, bn1, layer1-3 of BasicBlock/Bottleneck, downsample, fc
+    "CifarResNet": _rules(
+        (r"^conv1\.(?P<rest>.+)$", r"stem.conv.\g<rest>"),
+        (r"^bn1\.(?P<rest>.+)$", r"stem.bn.\g<rest>"),
+        (_RESNET_BLOCK + r"downsample\.0\.(?P<rest>.+)$", _stage("shortcut.conv.")),
+        (_RESNET_BLOCK + r"downsample\.1\.(?P<rest>.+)$", _stage("shortcut.bn.")),
+        (_RESNET_BLOCK + r"(?P<rest>(conv|bn)[123]\..+)$", _stage("")),
+        (r"^fc\.(?P<rest>.+)$", r"head.fc.\g<rest>"),
+    ),
+    # models/resnetv2.py (ResNet18/34/50): conv1, bn1, layer1-4, shortcut.0/1, linear
+    "ResNet": _rules(
+        (r"^conv1\.(?P<rest>.+)$", r"stem.conv.\g<rest>"),
+        (r"^bn1\.(?P<rest>.+)$", r"stem.bn.\g<rest>"),
+        (_RESNET_BLOCK + r"shortcut\.0\.(?P<rest>.+)$", _stage("shortcut.conv.")),
+        (_RESNET_BLOCK + r"shortcut\.1\.(?P<rest>.+)$", _stage("shortcut.bn.")),
+        (_RESNET_BLOCK + r"(?P<rest>(conv|bn)[123]\..+)$", _stage("")),
+        (r"^linear\.(?P<rest>.+)$", r"head.fc.\g<rest>"),
+    ),
+    # models/wrn.py: conv1, block1-3.layer.<i> (bn1, conv1, bn2, conv2, convShortcut), bn1, fc
+    "WideResNet": _rules(
+        (r"^conv1\.(?P<rest>.+)$", r"stem.\g<rest>"),
+        (r"^block(?P<stage>\d)\.layer\.(?P<block>\d+)\.convShortcut\.(?P<rest>.+)$", _stage("shortcut.")),
+        (r"^block(?P<stage>\d)\.layer\.(?P<block>\d+)\.(?P<rest>(conv|bn)[12]\..+)$", _stage("")),
+        (r"^bn1\.(?P<rest>.+)$", r"head.pre.bn.\g<rest>"),
+        (r"^fc\.(?P<rest>.+)$", r"head.fc.\g<rest>"),
+    ),
+    # models/vgg.py (batch_norm=True): block0-4 are Sequentials of (conv, BN, ReLU) triples, then classifier
+    "VGG": _rules(
+        (r"^block(?P<b>\d)\.(?P<i>\d+)\.(?P<rest>.+)$", lambda m: _vgg_layer(int(m["b"]), int(m["i"]), m["rest"])),
+        (r"^classifier\.(?P<rest>.+)$", r"head.fc.\g<rest>"),
+    ),
+}
+
+
+def _vgg_layer(block: int, index: int, rest: str) -> str:
+    where = "stem" if block == 0 else f"stages.{block - 1}"
+    layer, kind = divmod(index, 3)
+    if kind == 2:
+        return f"<no parameters at block{block}.{index}>"  # a ReLU: it holds none, so no real key gets here
+    return f"{where}.{layer}.{'conv' if kind == 0 else 'bn'}.{rest}"
+
+
+PEERS = "RepDistiller/mdistiller"
+
+
+def to_zoo_layout(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """`state` in `model`'s key layout: as it is when it already is (or only lacks DataParallel's `module.`
+    prefix), else renamed by the model family's rules. A key no rule takes is an error naming it."""
+    expected = set(model.state_dict())
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if not set(state) - expected:
+        return state
+    family = type(model).__name__
+    rules = RULES.get(family)
+    if rules is None:
+        return state  # not a family we map: the usual key check names what is wrong
+    out = {}
+    for key, value in state.items():
+        for pattern, rename in rules:
+            match = pattern.match(key)
+            if match:
+                out[rename(match)] = value
+                break
+        else:
+            if key in expected:
+                out[key] = value
+                continue
+            raise CheckpointError(f"{where}: key {key!r} is in neither distillab's {family} layout nor {PEERS}'s "
+                                  "(layout not recognised)")
+    return out
