@@ -1,5 +1,5 @@
-"""Published CIFAR teachers (RepDistiller, mdistiller layouts) load as they are: written here in those layouts by
-key lists made from the peers' module definitions, and read back through distillab's own rules."""
+"""Published CIFAR checkpoints (RepDistiller, mdistiller layouts) of every zoo family load as they are: written
+here in those layouts by key lists made from the peers' module definitions, and read back through our own rules."""
 
 import argparse
 
@@ -53,7 +53,42 @@ def vgg_keys(model):
     return [*keys, "classifier.weight", "classifier.bias"]
 
 
+def shufflenet_v1_keys(model):
+    """models/ShuffleNetv1.py: conv1, bn1, layer<l>.<i>.(conv1 bn1 conv2 bn2 conv3 bn3), linear."""
+    keys = ["conv1.weight", *bn("bn1")]
+    for stage_index, stage in enumerate(model.stages, 1):
+        for i in range(len(stage)):
+            for j in (1, 2, 3):
+                keys += [f"layer{stage_index}.{i}.conv{j}.weight", *bn(f"layer{stage_index}.{i}.bn{j}")]
+    return [*keys, "linear.weight", "linear.bias"]
+
+
+def shufflenet_v2_keys(model):
+    """models/ShuffleNetv2.py: conv1, bn1, layer<l> (a DownBlock of conv/bn 1-5, then BasicBlocks of 1-3), conv2,
+    bn2, linear."""
+    keys = ["conv1.weight", *bn("bn1")]
+    for stage_index, stage in enumerate(model.stages, 1):
+        for i in range(len(stage)):
+            for j in (1, 2, 3, 4, 5) if i == 0 else (1, 2, 3):
+                keys += [f"layer{stage_index}.{i}.conv{j}.weight", *bn(f"layer{stage_index}.{i}.bn{j}")]
+    return [*keys, "conv2.weight", *bn("bn2"), "linear.weight", "linear.bias"]
+
+
+def mobilenet_v2_keys(model):
+    """models/mobilenetv2.py: conv1 (conv, BN), blocks.<b>.<i>.conv.(0 1 3 4 6 7) for its 7 block settings of
+    1, 2, 3, 4, 3, 3, 1 blocks, conv2 (conv, BN), classifier.0."""
+    keys = ["conv1.0.weight", *bn("conv1.1")]
+    for b, n in enumerate((1, 2, 3, 4, 3, 3, 1)):
+        for i in range(n):
+            for conv, norm in (("0", "1"), ("3", "4"), ("6", "7")):
+                keys += [f"blocks.{b}.{i}.conv.{conv}.weight", *bn(f"blocks.{b}.{i}.conv.{norm}")]
+    return [*keys, "conv2.0.weight", *bn("conv2.1"), "classifier.0.weight", "classifier.0.bias"]
+
+
 LAYOUTS = {
+    "ShuffleV1": shufflenet_v1_keys,
+    "ShuffleV2": shufflenet_v2_keys,
+    "mobile_half": mobilenet_v2_keys,
     **{name: cifar_resnet_keys for name in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
                                             "resnet110", "resnet8x4", "resnet32x4")},
     **{name: wrn_keys for name in ("wrn_16_1", "wrn_16_2", "wrn_16_4", "wrn_28_2", "wrn_28_4", "wrn_40_1",

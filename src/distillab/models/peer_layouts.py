@@ -3,9 +3,9 @@ the same networks differently (`layer1.0.conv1` for our `stages.0.0.conv1`, `fc`
 
 One explicit rule list per architecture family, written from those repositories' module names: every key of the
 file must match a rule of the model's family, and the result is then checked key by key and shape by shape like
-any other weights file (the first key that fails is named). Only the families that the published CIFAR teachers use
-are mapped: CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4), wide ResNets, VGGs with BN and the
-ImageNet-style ResNet18/34/50.
+any other weights file (the first key that fails is named). Every CIFAR zoo family is mapped: CIFAR ResNets (resnet8
+... resnet110, resnet8x4, resnet32x4), wide ResNets, VGGs with BN, the ImageNet-style ResNet18/34/50, MobileNetV2
+(mobile_half), ShuffleNetV1 and ShuffleNetV2.
 """
 
 from __future__ import annotations
@@ -63,7 +63,40 @@ RULES: dict[str, list[Rule]] = {
         (r"^block(?P<b>\d)\.(?P<i>\d+)\.(?P<rest>.+)$", lambda m: _vgg_layer(int(m["b"]), int(m["i"]), m["rest"])),
         (r"^classifier\.(?P<rest>.+)$", r"head.fc.\g<rest>"),
     ),
+    # models/ShuffleNetv2.py: conv1, bn1, layer1-3 (conv/bn 1-5 per block), conv2, bn2, linear
+    "ShuffleNetV2": _rules(
+        (r"^conv1\.(?P<rest>.+)$", r"stem.conv.\g<rest>"),
+        (r"^bn1\.(?P<rest>.+)$", r"stem.bn.\g<rest>"),
+        (_RESNET_BLOCK + r"(?P<rest>(conv|bn)[1-5]\..+)$", _stage("")),
+        (r"^conv2\.(?P<rest>.+)$", r"head.pre.conv.\g<rest>"),
+        (r"^bn2\.(?P<rest>.+)$", r"head.pre.bn.\g<rest>"),
+        (r"^linear\.(?P<rest>.+)$", r"head.fc.\g<rest>"),
+    ),
 }
+RULES["ShuffleNetV1"] = RULES["ResNet"]  # models/ShuffleNetv1.py: conv1, bn1, layer1-3 (conv/bn 1-3), linear
+MOBILENET_BLOCKS = (1, 2, 3, 4, 3, 3, 1)  # models/mobilenetv2.py: the `n` of each row of its block settings
+MOBILENET_LAYERS = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}  # in `conv`
+
+
+def mobilenet_rules(model: torch.nn.Module) -> list[Rule]:
+    """models/mobilenetv2.py: conv1 (conv, BN), blocks.<b>.<i>.conv.<k> for the 7 block settings, conv2, classifier.0.
+    Its blocks are ours in order, grouped by setting rather than by resolution."""
+    ours = [f"stages.{s}.{j}" for s, stage in enumerate(model.stages) for j in range(len(stage))]
+    first = [sum(MOBILENET_BLOCKS[:b]) for b in range(len(MOBILENET_BLOCKS))]
+
+    def block(m: re.Match) -> str:
+        index = first[int(m["b"])] + int(m["i"]) if int(m["b"]) < len(first) else len(ours)
+        where = ours[index] if index < len(ours) else f"<beyond the {len(ours)} blocks>"
+        return f"{where}.{MOBILENET_LAYERS.get(m['k'], '<no such layer>')}.{m['rest']}"
+
+    return _rules(
+        (r"^conv1\.0\.(?P<rest>.+)$", r"stem.conv.\g<rest>"),
+        (r"^conv1\.1\.(?P<rest>.+)$", r"stem.bn.\g<rest>"),
+        (r"^blocks\.(?P<b>\d+)\.(?P<i>\d+)\.conv\.(?P<k>\d+)\.(?P<rest>.+)$", block),
+        (r"^conv2\.0\.(?P<rest>.+)$", r"head.pre.conv.\g<rest>"),
+        (r"^conv2\.1\.(?P<rest>.+)$", r"head.pre.bn.\g<rest>"),
+        (r"^classifier\.0\.(?P<rest>.+)$", r"head.fc.\g<rest>"),
+    )
 
 
 def _vgg_layer(block: int, index: int, rest: str) -> str:
@@ -85,7 +118,7 @@ def to_zoo_layout(model: torch.nn.Module, state: Mapping[str, torch.Tensor], whe
     if not set(state) - expected:
         return state
     family = type(model).__name__
-    rules = RULES.get(family)
+    rules = mobilenet_rules(model) if family == "MobileNetV2" else RULES.get(family)
     if rules is None:
         return state  # not a family we map: the usual key check names what is wrong
     out = {}
