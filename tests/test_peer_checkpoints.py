@@ -8,8 +8,11 @@ import torch
 
 from distillab import models
 from distillab.cli import main
+from distillab.config import load_config
+from distillab.data import load_splits
 from distillab.engine.checkpoint import load_weights, read_state_dict
 from distillab.errors import CheckpointError
+from distillab.run import build_models
 from test_reparam import randomize_bn
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -168,6 +171,12 @@ def test_a_repdistiller_teacher_trains_a_kd_student_from_the_cli(tmp_path):
                       "student: {name: resnet8}\nmethod: {name: kd}\n"
                       "train: {epochs: 1, batch_size: 32, progress: false}\n")
     assert main(["train", str(config)]) == 0
+    # the same file as the student's starting point: its weights, not the seeded init, begin training
+    cfg = load_config(config, ["student.name=resnet8x4", f"student.checkpoint={tmp_path / 'ckpt_epoch_240.pth'}"])
+    teacher, student, info = build_models(cfg, load_splits(cfg.data))
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values(),
+                                                  strict=True))
+    assert info["student_init_sha256"] == info["teacher_sha256"]
     out = tmp_path / "teacher.safetensors"
     assert main(["convert", str(tmp_path / "ckpt_epoch_240.pth"), str(out), "--model", "resnet8x4",
                  "--num-classes", "100"]) == 0

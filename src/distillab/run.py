@@ -50,6 +50,11 @@ def build_models(cfg: RunConfig, data: DataSplits, with_teacher: bool = True
         check_teacher_weights(teacher, cfg.teacher.checkpoint)
     torch.manual_seed(cfg.seed)
     student = models.build(cfg.student.name, num_classes=num_classes, in_channels=shape[0], **cfg.student.kwargs)
+    if cfg.student.checkpoint is not None:  # start from given weights instead of the seeded init
+        info["student_init_sha256"] = load_weights(student, cfg.student.checkpoint, "student")
+        if cfg.student.sha256 is not None and info["student_init_sha256"] != cfg.student.sha256:
+            raise CheckpointError(f"student weights {cfg.student.checkpoint}: SHA-256 {info['student_init_sha256']} "
+                                  f"is not the expected student.sha256 {cfg.student.sha256}")
     return teacher, student, info
 
 
