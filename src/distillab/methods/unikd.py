@@ -152,6 +152,8 @@ class UniKDOptions(MethodOptions):
                                "min(epoch/warmup, 1); default 20 for dkd and kd, none for mlkd")
     mlkd_quirk: bool = Field(True, description="logit_loss mlkd: the reference's strong-view KD sum takes T = 2 and "
                              "6 from the weak view")
+    mlkd_cc_weight: float = Field(1.0, ge=0, description="logit_loss mlkd: weight of the class-correlation term "
+                                  "(its scale grows as batch^2 / classes)")
     kl: Literal["sampled", "closed_form"] = Field(
         "sampled", description="feature constraint: softmax KL between samples, or the Gaussians' closed-form KL")
     kl_direction: Literal["t_to_s", "s_to_t"] = Field(
@@ -227,6 +229,7 @@ class UniKD(Method):
         terms = {"ce": o.ce_weight * sum(F.cross_entropy(s_logits, labels) for s_logits, _ in outputs)}
         if o.logit_loss == "mlkd":
             mlkd = mlkd_terms(logits, teacher_logits[0], outputs[1][0], teacher_logits[1], quirk=o.mlkd_quirk)
+            mlkd["cc"] = o.mlkd_cc_weight * mlkd["cc"]
             terms.update({k: o.logit_weight * v for k, v in mlkd.items()})
         else:
             warmup = 20 if o.warmup is None else o.warmup
