@@ -91,7 +91,7 @@ def test_torchrun_launches_the_cli_with_two_processes(tmp_path):
     summary = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     assert summary["environment"]["world_size"] == 2
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 1  # rank 0 writes alone
-    assert proc.stdout.count("epoch 1/1") == 1  # rank 0 prints alone
+    assert proc.stdout.count("epoch 1/1") == 1 and proc.stdout.count("done:") == 1  # rank 0 prints alone
 
 
 def test_a_bad_batch_under_torchrun_is_one_line_from_rank_0(tmp_path):

@@ -177,7 +177,10 @@ def _train(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides, layers=[args.budget] if args.budget else [])
     summary = train_run(cfg, resume=args.resume is not None, force=args.force)
-    Console().print(f"[bold green]done[/]: test {summary['test_acc']:.2f}% -> {cfg.run_dir}")
+    from distillab.engine.distributed import world_from_env
+
+    if world_from_env().is_main:  # under torchrun, once
+        Console().print(f"[bold green]done[/]: test {summary['test_acc']:.2f}% -> {cfg.run_dir}")
     return 0
 
 
