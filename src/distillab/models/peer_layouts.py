@@ -31,25 +31,23 @@ def _rules(*pairs: tuple[str, Callable[[re.Match], str] | str]) -> list[Rule]:
 
 
 _RESNET_BLOCK = r"^layer(?P<stage>\d)\.(?P<block>\d+)\."
+
+
+def _resnet_rules(shortcut: str, classifier: str) -> list[Rule]:
+    """conv1, bn1, layer<l>.<i> (conv/bn 1-3 and the shortcut's conv and BN), the classifier."""
+    return _rules(
+        (r"^conv1\.(?P<rest>.+)$", r"stem.conv.\g<rest>"),
+        (r"^bn1\.(?P<rest>.+)$", r"stem.bn.\g<rest>"),
+        (_RESNET_BLOCK + shortcut + r"\.0\.(?P<rest>.+)$", _stage("shortcut.conv.")),
+        (_RESNET_BLOCK + shortcut + r"\.1\.(?P<rest>.+)$", _stage("shortcut.bn.")),
+        (_RESNET_BLOCK + r"(?P<rest>(conv|bn)[123]\..+)$", _stage("")),
+        (rf"^{classifier}\.(?P<rest>.+)$", r"head.fc.\g<rest>"),
+    )
+
+
 RULES: dict[str, list[Rule]] = {
-    # RepDistiller/mdistiller models/resnet.py: conv1, bn1, layer1-3 of BasicBlock/Bottleneck, downsample, fc
-    "CifarResNet": _rules(
-        (r"^conv1\.(?P<rest>.+)$", r"stem.conv.\g<rest>"),
-        (r"^bn1\.(?P<rest>.+)$", r"stem.bn.\g<rest>"),
-        (_RESNET_BLOCK + r"downsample\.0\.(?P<rest>.+)$", _stage("shortcut.conv.")),
-        (_RESNET_BLOCK + r"downsample\.1\.(?P<rest>.+)$", _stage("shortcut.bn.")),
-        (_RESNET_BLOCK + r"(?P<rest>(conv|bn)[123]\..+)$", _stage("")),
-        (r"^fc\.(?P<rest>.+)$", r"head.fc.\g<rest>"),
-    ),
-    # models/resnetv2.py (ResNet18/34/50): conv1, bn1, layer1-4, shortcut.0/1, linear
-    "ResNet": _rules(
-        (r"^conv1\.(?P<rest>.+)$", r"stem.conv.\g<rest>"),
-        (r"^bn1\.(?P<rest>.+)$", r"stem.bn.\g<rest>"),
-        (_RESNET_BLOCK + r"shortcut\.0\.(?P<rest>.+)$", _stage("shortcut.conv.")),
-        (_RESNET_BLOCK + r"shortcut\.1\.(?P<rest>.+)$", _stage("shortcut.bn.")),
-        (_RESNET_BLOCK + r"(?P<rest>(conv|bn)[123]\..+)$", _stage("")),
-        (r"^linear\.(?P<rest>.+)$", r"head.fc.\g<rest>"),
-    ),
+    "CifarResNet": _resnet_rules("downsample", "fc"),  # models/resnet.py: layer1-3, downsample.0/1, fc
+    "ResNet": _resnet_rules("shortcut", "linear"),  # models/resnetv2.py (ResNet18/34/50): layer1-4, shortcut, linear
     # models/wrn.py: conv1, block1-3.layer.<i> (bn1, conv1, bn2, conv2, convShortcut), bn1, fc
     "WideResNet": _rules(
         (r"^conv1\.(?P<rest>.+)$", r"stem.\g<rest>"),
