@@ -99,19 +99,12 @@ class DFASearch(Method):
     def bridge_terms(self, group: int, images: torch.Tensor, labels: torch.Tensor, beta: torch.Tensor
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Eq. 12 for group i at architecture parameters `beta`, weighted: ts = gamma_ts * L_TS (Eq. 10),
-        st = gamma_st * L_ST (Eq. 11) [+ ce]; and the student's logits."""
+        st = gamma_st * L_ST (Eq. 11); and the student's map at the group's end."""
         target = aggregate(teacher_groups(self.teacher, self.groups, images, group)[group], beta.softmax(0))
         ts_logits = self.student.forward_from(group + 1, self.ts[group](target))
         _, student_map = block_outputs(self.student, images, group)
-        terms = {"ts": self.opts.gamma_ts * F.cross_entropy(ts_logits, labels),
-                 "st": self.opts.gamma_st * unit_distance(self.st[group](student_map), target)}
-        if self.opts.add_student_ce:
-            logits = self.student.forward_from(group + 1, student_map)
-            terms["ce"] = F.cross_entropy(logits, labels)
-        else:
-            with torch.no_grad():
-                logits = self.student.forward_from(group + 1, student_map)
-        return terms, logits
+        return {"ts": self.opts.gamma_ts * F.cross_entropy(ts_logits, labels),
+                "st": self.opts.gamma_st * unit_distance(self.st[group](student_map), target)}, student_map
 
     def beta_step(self, group: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One Adam step on beta_i with the bridge loss + lambda ||beta_i||^2 at the current w (first order); the
@@ -141,7 +134,11 @@ class DFASearch(Method):
             self.start_group(group)
         if self.training:
             self.beta_step(group, images_beta, labels_beta)
-        terms, logits = self.bridge_terms(group, images, labels, self.betas[group].detach())
+        terms, student_map = self.bridge_terms(group, images, labels, self.betas[group].detach())
+        with contextlib.nullcontext() if self.opts.add_student_ce else torch.no_grad():  # no_grad: for accuracy only
+            logits = self.student.forward_from(group + 1, student_map)
+        if self.opts.add_student_ce:
+            terms["ce"] = F.cross_entropy(logits, labels)
         return logits, terms
 
     def take_logs(self) -> dict[str, torch.Tensor]:

@@ -223,7 +223,7 @@ class UniKD(Method):
         for x in views:
             outputs.append((self.student(x), self.aff(self.student_tap.take())))
         with torch.no_grad():
-            teacher_logits = self.teacher(torch.cat(views)).split(len(images))
+            teacher_logits = self.teacher(torch.cat(views) if strong is not None else images).split(len(images))
             teacher_features = self.teacher_tap.take()[0].split(len(images))
         logits = outputs[0][0]
         terms = {"ce": o.ce_weight * sum(F.cross_entropy(s_logits, labels) for s_logits, _ in outputs)}
