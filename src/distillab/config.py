@@ -151,6 +151,9 @@ class TrainConfig(StrictModel):
     channels_last: bool = Field(True, description="channels-last memory format (faster on the 2-core CPU too)")
     deterministic: bool = Field(False, description="torch's deterministic algorithms, for the whole process "
                                 "(slower on GPU; an op without one is an error)")
+    cache_teacher: bool = Field(True, description="without augmentation, compute the frozen teacher's outputs "
+                                "once and look them up each epoch (methods that read the teacher only through "
+                                "teacher_forward; at most 4 GiB)")
     tensorboard: bool = False
     progress: bool = Field(True, description="rich progress bar")
     checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints")

@@ -73,6 +73,10 @@ class FeatureTap:
     def clear(self) -> None:
         self._values.clear()
 
+    def fill(self, values: dict[str, torch.Tensor]) -> None:
+        """Record `values` as if a forward pass had produced them (a cached teacher's answer)."""
+        self._values.update(values)
+
     def close(self) -> None:
         """Remove the hooks; values already recorded stay readable."""
         for handle in self._handles:

@@ -35,6 +35,7 @@ from distillab.engine.cpu_memory import keep_freed_memory
 from distillab.engine.distributed import World, all_reduce_sum, barrier, broadcast_flag, init_world, local_device
 from distillab.engine.evaluate import eval_loader, evaluate_sums
 from distillab.engine.schedule import learning_rate
+from distillab.engine.teacher_cache import build_teacher_cache
 from distillab.errors import CheckpointError, DistillabError
 from distillab.methods.base import Method
 
@@ -92,6 +93,13 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+TEACHER_CACHE_MAX_BYTES = 4 * 2**30
+
+
+def _augments(augment: AugmentConfig | None) -> bool:
+    return augment is not None and (augment.crop_padding > 0 or augment.flip)
+
+
 class Trainer:
     """Trains `method` on `data.train`, evaluating the student on `data.val` and `data.test` each epoch.
 
@@ -140,12 +148,15 @@ class Trainer:
         self.method.to(self.device)
         if self.cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
+        self.teacher_cached = (self.cfg.cache_teacher and method.caches_teacher and method.teacher is not None
+                               and parts is None and not _augments(augment) and not method.extra_views)
         self.loaders = [
             DeviceLoader(data.train if part is None else data.train.subset(part), local_batch, device=self.device,
                          shuffle=True, augment=augment, drop_last=self.cfg.drop_last,
                          seed=seed if part is None else derive_seed("train-part", k, seed), rank=self.world.rank,
                          world_size=self.world.world_size, channels_last=self.cfg.channels_last,
-                         with_indices=method.needs_indices, strong_view="strong" in method.extra_views)
+                         with_indices=method.needs_indices or self.teacher_cached,
+                         strong_view="strong" in method.extra_views)
             for k, part in enumerate(parts or [None])]
         self.loader = self.loaders[0]
         self.eval_loaders = {  # every rank evaluates its own strided share of each split
@@ -169,6 +180,22 @@ class Trainer:
         self._stop_signal: int | None = None
         self.restored = False
         self.saved_epoch: int | None = None  # epochs in the last checkpoint written or read
+
+    def _cache_teacher(self) -> None:
+        """Compute the teacher's outputs for the training set once (`train.cache_teacher`)."""
+        started = time.perf_counter()
+        loader = DeviceLoader(self.data.train, self.cfg.eval_batch_size, device=self.device, shuffle=False,
+                              channels_last=self.cfg.channels_last)
+        cache = build_teacher_cache(self.method.teacher, self.method.teacher_taps, loader, self.autocast,
+                                    TEACHER_CACHE_MAX_BYTES)
+        if cache is None:
+            self.teacher_cached = False
+            self.console.print(f"teacher outputs not cached: more than {TEACHER_CACHE_MAX_BYTES / 2**30:.0f} GiB")
+            return
+        self.method.use_teacher_cache(cache)
+        self.info["teacher_cache_s"] = round(time.perf_counter() - started, 2)
+        self.console.print(f"teacher outputs cached for {len(cache):,} images ({cache.nbytes / 2**20:,.1f} MiB, "
+                           f"{self.info['teacher_cache_s']:.1f} s): no augmentation, so they are the same each epoch")
 
     def _check_batch(self, n_train: int) -> int:
         """The per-rank batch: train.batch_size is the global batch, split evenly over the ranks."""
@@ -277,6 +304,8 @@ class Trainer:
         if self.start_epoch == 0 and self.method.teacher is not None and "teacher_test_acc" not in self.info:
             self.info["teacher_test_acc"] = self._eval(self.method.teacher, "test")["acc"]
         started = time.perf_counter()
+        if self.teacher_cached and self.start_epoch < self.cfg.epochs:
+            self._cache_teacher()
         try:
             with self._stop_on_signals():
                 for epoch in range(self.start_epoch, self.cfg.epochs):
@@ -296,6 +325,7 @@ class Trainer:
                     if self.on_epoch_end is not None:
                         self.on_epoch_end(epoch + 1, record)
         finally:
+            self.method.use_teacher_cache(None)
             if writer is not None:
                 writer.close()
         summary = self._summary(time.perf_counter() - started)
@@ -371,6 +401,9 @@ class Trainer:
                 task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps, completed=first, terms="")
                 for step, batches in enumerate(zip(*self.loaders, strict=False), start=first):
                     batch = sum(batches, ())  # (images, labels[, indices]) of every part, one after the other
+                    if self.teacher_cached:  # the positions are the teacher cache's rows
+                        method.set_teacher_rows(batch[2])
+                        batch = batch if method.needs_indices else batch[:2] + batch[3:]
                     labels = batch[1]
                     lr = learning_rate(cfg.schedule, cfg.optim.lr, epoch, step, steps, cfg.epochs)
                     logits, terms = self.train_step(batch, lr)

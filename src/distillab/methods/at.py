@@ -40,6 +40,7 @@ class ATOptions(MethodOptions):
 @register("at")
 class AT(Method):
     Options = ATOptions
+    caches_teacher = True
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)

@@ -14,7 +14,7 @@ import pkgutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -23,6 +23,9 @@ from torch import nn
 from distillab.config import format_validation_error
 from distillab.errors import ConfigError, UnknownNameError
 from distillab.features import FeatureTap, feature_shapes
+
+if TYPE_CHECKING:
+    from distillab.engine.teacher_cache import TeacherCache
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -48,6 +51,9 @@ class Method(nn.Module):
     needs_indices: ClassVar[bool] = False
     extra_views: tuple[str, ...] = ()  # ("strong",): each batch also brings a strongly augmented view (forward's last)
     distributed_ok: ClassVar[bool] = True  # False for methods with per-process state (memory banks)
+    # True where the training forward reads the teacher only by `teacher_forward(images)` on the batch's images
+    # (and taps made by `tap(teacher, ...)`): a trainer may then answer it from a TeacherCache
+    caches_teacher: ClassVar[bool] = False
     name: ClassVar[str] = ""
 
     def __init__(
@@ -71,6 +77,9 @@ class Method(nn.Module):
         self.epoch = 0
         self.num_epochs = 1
         self._taps: list[FeatureTap] = []
+        self.teacher_taps: list[FeatureTap] = []
+        self._teacher_cache: TeacherCache | None = None
+        self._teacher_rows: torch.Tensor | None = None
 
     # -- contract -------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -133,14 +142,29 @@ class Method(nn.Module):
 
     # -- helpers for subclasses -----------------------------------------------------------
     def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Teacher logits without autograd (taps on the teacher fill as a side effect)."""
+        """Teacher logits without autograd (taps on the teacher fill as a side effect); from the teacher cache
+        when the trainer has set one and the batch's dataset positions."""
+        if self._teacher_cache is not None and self._teacher_rows is not None:
+            return self._teacher_cache.answer(self._teacher_rows, self.teacher_taps)
         with torch.no_grad():
             return self.teacher(images)
+
+    def use_teacher_cache(self, cache: TeacherCache | None) -> None:
+        """Answer `teacher_forward` from `cache` (None: run the teacher again) for the rows of `set_teacher_rows`."""
+        if cache is not None and not self.caches_teacher:
+            raise ValueError(f"method {self.name!r} reads its teacher other than by teacher_forward: no cache")
+        self._teacher_cache, self._teacher_rows = cache, None
+
+    def set_teacher_rows(self, rows: torch.Tensor | None) -> None:
+        """The dataset positions of the next training batch's images (for the teacher cache)."""
+        self._teacher_rows = rows
 
     def tap(self, model: nn.Module, names: Iterable[str]) -> FeatureTap:
         """A feature tap kept for the life of the method."""
         tap = FeatureTap(model, names)
         self._taps.append(tap)
+        if model is self.teacher:
+            self.teacher_taps.append(tap)
         return tap
 
     def shapes(self, model: nn.Module, names: Iterable[str]) -> dict[str, tuple]:

@@ -123,6 +123,7 @@ class CRDOptions(MethodOptions):
 @register("crd")
 class CRD(Method):
     Options = CRDOptions
+    caches_teacher = True
     needs_indices = True
     distributed_ok = False  # the memory banks are per process
 

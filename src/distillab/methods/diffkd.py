@@ -249,6 +249,7 @@ def prepool_layer(model: nn.Module, option: str) -> str:
 @register("diffkd")
 class DiffKD(Method):
     Options = DiffKDOptions
+    caches_teacher = True
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)

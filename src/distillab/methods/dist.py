@@ -53,6 +53,7 @@ class DISTOptions(MethodOptions):
 @register("dist")
 class DIST(Method):
     Options = DISTOptions
+    caches_teacher = True
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)

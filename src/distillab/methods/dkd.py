@@ -72,6 +72,7 @@ class DKDOptions(MethodOptions):
 @register("dkd")
 class DKD(Method):
     Options = DKDOptions
+    caches_teacher = True
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)

@@ -50,6 +50,7 @@ class FitNetOptions(MethodOptions):
 @register("fitnet")
 class FitNet(Method):
     Options = FitNetOptions
+    caches_teacher = True
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)

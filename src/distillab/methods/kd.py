@@ -29,6 +29,7 @@ class KDOptions(MethodOptions):
 @register("kd")
 class KD(Method):
     Options = KDOptions
+    caches_teacher = True
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)

@@ -181,6 +181,7 @@ class KROptions(MethodOptions):
 @register("kr")
 class KnowledgeRepresenting(Method):
     Options = KROptions
+    caches_teacher = True
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)

@@ -14,6 +14,8 @@ class LayerPairMethod(Method):
     subclass's `feature_terms(f_s, f_t)` to the weighted cross-entropy. Options need `ce_weight`,
     `student_layer` and `teacher_layer`."""
 
+    caches_teacher = True
+
     @staticmethod
     def default_layer(model: nn.Module, option: str) -> str:
         raise NotImplementedError

@@ -295,6 +295,7 @@ class RDROptions(MethodOptions):
 @register("rdr")
 class RDR(Method):
     Options = RDROptions
+    caches_teacher = True
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)

@@ -102,6 +102,7 @@ class ReviewKDOptions(MethodOptions):
 @register("reviewkd")
 class ReviewKD(Method):
     Options = ReviewKDOptions
+    caches_teacher = True
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)

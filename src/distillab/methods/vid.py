@@ -59,6 +59,7 @@ class VIDOptions(MethodOptions):
 @register("vid")
 class VID(Method):
     Options = VIDOptions
+    caches_teacher = True
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
