@@ -8,6 +8,7 @@ from distillab import methods
 from distillab.config import load_config
 from distillab.data.loader import DeviceLoader
 from distillab.data.splits import load_splits
+from distillab.engine import trainer as trainer_module
 from distillab.engine.teacher_cache import build_teacher_cache
 from distillab.engine.trainer import Trainer
 from distillab.run import build_method, train_run
@@ -81,6 +82,14 @@ def test_the_cache_answers_what_the_teacher_computes_and_fills_its_taps():
     assert cached.is_contiguous(memory_format=torch.channels_last) == feature.is_contiguous(
         memory_format=torch.channels_last)
     assert len(cache) == 200 and cache.nbytes == sum(v.numel() * 4 for v in cache.outputs.values())
+
+
+def test_a_run_whose_cache_would_be_too_large_trains_with_the_teacher(monkeypatch):
+    monkeypatch.setattr(trainer_module, "TEACHER_CACHE_MAX_BYTES", 1_000)  # kd: 200 x 10 logits = 8 kB
+    trainer, a = trained("kd")
+    assert not trainer.teacher_cached and not trainer.loader.with_indices
+    _, b = trained("kd", "train.cache_teacher=false")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_cache_over_its_memory_limit_is_not_built():

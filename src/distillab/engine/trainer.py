@@ -96,10 +96,6 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 TEACHER_CACHE_MAX_BYTES = 4 * 2**30
 
 
-def _augments(augment: AugmentConfig | None) -> bool:
-    return augment is not None and (augment.crop_padding > 0 or augment.flip)
-
-
 class Trainer:
     """Trains `method` on `data.train`, evaluating the student on `data.val` and `data.test` each epoch.
 
@@ -148,17 +144,17 @@ class Trainer:
         self.method.to(self.device)
         if self.cfg.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self.teacher_cached = (self.cfg.cache_teacher and method.caches_teacher and method.teacher is not None
-                               and parts is None and not _augments(augment) and not method.extra_views)
         self.loaders = [
             DeviceLoader(data.train if part is None else data.train.subset(part), local_batch, device=self.device,
                          shuffle=True, augment=augment, drop_last=self.cfg.drop_last,
                          seed=seed if part is None else derive_seed("train-part", k, seed), rank=self.world.rank,
                          world_size=self.world.world_size, channels_last=self.cfg.channels_last,
-                         with_indices=method.needs_indices or self.teacher_cached,
-                         strong_view="strong" in method.extra_views)
+                         with_indices=method.needs_indices, strong_view="strong" in method.extra_views)
             for k, part in enumerate(parts or [None])]
         self.loader = self.loaders[0]
+        self.teacher_cached = (self.cfg.cache_teacher and method.caches_teacher and method.teacher is not None
+                               and parts is None and not self.loader.augmenting and not self.loader.strong_view)
+        self.loader.with_indices = method.needs_indices or self.teacher_cached  # positions = the cache's rows
         self.eval_loaders = {  # every rank evaluates its own strided share of each split
             split: eval_loader(ds.subset(torch.arange(self.world.rank, len(ds), self.world.world_size)),
                                self.device, self.cfg.eval_batch_size, self.cfg.channels_last)
@@ -190,6 +186,7 @@ class Trainer:
                                     TEACHER_CACHE_MAX_BYTES)
         if cache is None:
             self.teacher_cached = False
+            self.loader.with_indices = self.method.needs_indices
             self.console.print(f"teacher outputs not cached: more than {TEACHER_CACHE_MAX_BYTES / 2**30:.0f} GiB")
             return
         self.method.use_teacher_cache(cache)
