@@ -1,15 +1,18 @@
-"""CPU allocator setting applied by the trainer (engine/cpu_memory.py)."""
+"""CPU allocator setting (engine/cpu_memory.py), applied by a training run, not by building a Trainer."""
 
 import platform
 
 import pytest
+import torch
 
 from distillab import methods, models
-from distillab.config import TrainConfig
+from distillab import run as run_module
+from distillab.config import TrainConfig, load_config
 from distillab.data.digits import load_digits
 from distillab.engine import cpu_memory
 from distillab.engine import trainer as trainer_module
 from distillab.engine.cpu_memory import keep_freed_memory
+from distillab.errors import DistillabError
 
 
 def test_keep_freed_memory_sets_both_malloc_options_once(monkeypatch):
@@ -25,10 +28,26 @@ def test_glibc_accepts_the_options():
     assert cpu_memory._mallopt(-4, 0) and cpu_memory._mallopt(-1, 2**31 - 1)
 
 
-def test_cpu_trainer_applies_it(monkeypatch):
-    applied = []
-    monkeypatch.setattr(trainer_module, "keep_freed_memory", lambda: applied.append(True))
+def test_building_a_trainer_has_no_process_wide_side_effects(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_memory, "_applied", None)
+    monkeypatch.setattr(cpu_memory, "_mallopt", lambda param, value: calls.append((param, value)) or True)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: calls.append("process group"))
     student = models.build("resnet8", num_classes=10, in_channels=1)
     method = methods.build("ce", student, input_shape=(1, 8, 8))
     trainer_module.Trainer(method, load_digits(), TrainConfig(device="cpu"))
+    assert calls == []
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a torchrun launch nobody joined: named, not started behind one's back
+    with pytest.raises(DistillabError, match=r"has not joined the process group: call .*init_world"):
+        trainer_module.Trainer(method, load_digits(), TrainConfig(device="cpu"))
+    assert calls == []
+
+
+def test_a_cpu_training_run_applies_it(monkeypatch, tmp_path):
+    applied = []
+    monkeypatch.setattr(run_module, "keep_freed_memory", lambda: applied.append(True))
+    cfg = load_config(None, ["data.name=digits", "data.train_subset=64", "train.epochs=1", "train.batch_size=32",
+                             "train.progress=false", "method.name=ce", f"output_dir={tmp_path}", "name=r"],
+                      base={"student": {"name": "resnet8"}})
+    run_module.train_run(cfg)
     assert applied == [True]

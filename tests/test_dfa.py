@@ -298,6 +298,8 @@ def test_errors_name_the_option(tmp_path):
 
     with pytest.raises(ConfigError, match=r"method\.options\.gamma_fd is required"):
         build(mode="last")
+    with pytest.raises(ConfigError, match=r"method\.options\.gamma_fd is required"):  # with the config, up front
+        load_config(None, ["method.name=dfa", "method.options.mode=last"], base={"student": {"name": "resnet8"}})
     with pytest.raises(ConfigError, match=r"method\.options\.weights is not set"):
         build(gamma_fd=1.0)
     with pytest.raises(ConfigError, match=r"method\.options\.weights: .*does not exist"):

@@ -116,7 +116,7 @@ def test_memory_bank_method_refuses_data_parallel_training(monkeypatch):
     from distillab.engine.distributed import World
     from distillab.errors import DistillabError
 
-    monkeypatch.setattr(trainer_module, "init_world", lambda device: World(rank=0, world_size=2))
+    monkeypatch.setattr(trainer_module, "current_world", lambda: World(rank=0, world_size=2))
     teacher = models.build("resnet8", num_classes=10, in_channels=1)
     student = models.build("resnet8", num_classes=10, in_channels=1)
     method = methods.build("crd", student, teacher, input_shape=(1, 8, 8), num_negatives=16)

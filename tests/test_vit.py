@@ -35,6 +35,19 @@ def test_parameter_count_follows_the_formula(small):
     assert sum(p.numel() for p in default.parameters()) == vit_params(3, 100, 32, 4, 128, 6, 2.0) == 822_500
 
 
+def test_conv_stem_halves_the_grid_per_layer_to_the_patch_grid():
+    # patch 4 -> two stride-2 3x3 conv-BN-ReLU layers (1 -> 16 -> 32 channels at dim 64), then a 1x1 conv to dim
+    model = build("vit_tiny", num_classes=10, in_channels=1, conv_stem=True, **SMALL).eval()
+    stem = 1 * 16 * 9 + 2 * 16 + 16 * 32 * 9 + 2 * 32 + 32 * 64 + 64
+    patches = 1 * 4**2 * 64 + 64
+    assert sum(p.numel() for p in model.parameters()) == vit_params(1, 10, **SMALL) - patches + stem
+    with FeatureTap(model, ["stem"]) as tap, torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert tap["stem"].shape == (2, 64, 7, 7)
+    with pytest.raises(ValueError, match="power of 2"):
+        build("vit_tiny", image_size=30, patch_size=3, conv_stem=True)
+
+
 def test_depth_is_split_evenly_over_the_stages(small):
     assert [len(stage) for stage in small.stages] == [2, 2, 1]
     with pytest.raises(ValueError, match="stages"):

@@ -73,7 +73,8 @@ class SyntheticConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    name: Literal["digits", "fashion_mnist", "cifar10", "cifar100", "synthetic"] = "digits"
+    name: str = Field("digits", description="a registered dataset: digits, fashion_mnist, cifar10, cifar100, "
+                      "synthetic, or one a module registers (distillab.data.registry.register)")
     root: Path | None = Field(None, description="folder holding (or receiving) the dataset files")
     download: bool = Field(True, description="download missing files from the official site when online")
     val_size: int = Field(0, ge=0, description="training images held out as a validation split")
@@ -82,6 +83,17 @@ class DataConfig(StrictModel):
     split_seed: int = Field(0, ge=0, lt=2**63, description="seed of the validation split and the subsets")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig, description="used by name: synthetic")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from distillab.data import registry  # the data package imports this module
+
+        try:
+            registry.get(name)
+        except DistillabError as exc:
+            raise ValueError(str(exc)) from None
+        return name
 
 
 class ModelConfig(StrictModel):
@@ -233,7 +245,7 @@ def format_validation_error(err: ValidationError, model: type[BaseModel], where:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
             close = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(model, e["loc"][:-1]), n=1)

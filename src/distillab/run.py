@@ -17,6 +17,7 @@ from distillab import methods, models
 from distillab.config import RunConfig, dump_config, format_validation_error, load_config
 from distillab.data import DataSplits, load_splits
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights, write_text_atomic
+from distillab.engine.cpu_memory import keep_freed_memory
 from distillab.engine.distributed import barrier, init_world
 from distillab.engine.lock import LOCK_FILE, RunLock, RunLockedError
 from distillab.engine.trainer import SUMMARY_FILE, Trainer, TrainingStopped, resolve_device
@@ -192,7 +193,10 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
               on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train the run described by `cfg` into `cfg.run_dir` (a multi-stage method's earlier stages first, each
     into <run>/stages/<name>, skipped once finished); returns its summary."""
-    world = init_world(resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    world = init_world(device)  # process-wide set-up lives here, not in the Trainer
+    if device.type == "cpu":
+        keep_freed_memory()
     console = console or Console(quiet=not world.is_main)
     if cfg.train.deterministic:  # process-wide, so set here rather than by the Trainer
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs

@@ -28,6 +28,7 @@ from distillab import methods, models
 from distillab.config import AugmentConfig, SyntheticConfig, TrainConfig
 from distillab.data import DataSplits
 from distillab.data.splits import synthetic
+from distillab.engine.cpu_memory import keep_freed_memory
 from distillab.engine.trainer import Trainer, device_name, resolve_device
 from distillab.errors import ConfigError
 
@@ -68,6 +69,8 @@ def measure(spec: ThroughputSpec, console: Console | None = None) -> dict[str, A
         raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown)}; "
                           f"available: {', '.join(methods.available())}")
     device = resolve_device(spec.device)
+    if device.type == "cpu":
+        keep_freed_memory()  # as `distillab train` does, so the figures are those of a real run
     data = synthetic(SyntheticConfig(image_shape=spec.input_shape, num_classes=spec.num_classes,
                                      train_size=max(spec.batch * (spec.warmup + spec.steps), MIN_TRAIN_SIZE),
                                      test_size=spec.batch), 0)

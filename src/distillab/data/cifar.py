@@ -21,6 +21,7 @@ import torch
 
 from distillab.data.base import DataSplits, ImageDataset
 from distillab.data.download import check_md5, download
+from distillab.data.registry import register
 from distillab.errors import DataError
 
 Which = Literal["cifar10", "cifar100"]
@@ -197,3 +198,7 @@ def load_cifar(root: str | Path | None, which: Which = "cifar10", download: bool
                                     torch.from_numpy(np.concatenate(labels)), spec.num_classes, spec.mean,
                                     spec.std, f"{which}/{split}")
     return DataSplits(parts["train"], None, parts["test"])
+
+
+register("cifar10")(lambda cfg: load_cifar(cfg.root, "cifar10", cfg.download))
+register("cifar100")(lambda cfg: load_cifar(cfg.root, "cifar100", cfg.download))

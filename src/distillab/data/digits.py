@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from distillab.data.base import DataSplits, ImageDataset
+from distillab.data.registry import register
 
 NUM_CLASSES = 10
 TEST_SIZE = 360
@@ -50,3 +51,6 @@ def load_digits() -> DataSplits:
     train = ImageDataset(train_x, train_y, NUM_CLASSES, mean, std, "digits/train")
     test = ImageDataset(images[test_mask], labels[test_mask], NUM_CLASSES, mean, std, "digits/test")
     return DataSplits(train, None, test)
+
+
+register("digits")(lambda cfg: load_digits())

@@ -15,6 +15,7 @@ import torch
 from distillab.data.base import DataSplits, ImageDataset
 from distillab.data.download import download as fetch
 from distillab.data.idx import read_idx_pair
+from distillab.data.registry import register
 from distillab.errors import DataError
 
 NUM_CLASSES = 10
@@ -92,3 +93,6 @@ def load_fashion_mnist(root: str | Path | None = None, download: bool = True) ->
                                     torch.from_numpy(labels.astype("int64")), NUM_CLASSES, MEAN, STD,
                                     f"fashion_mnist/{split}")
     return DataSplits(parts["train"], None, parts["test"])
+
+
+register("fashion_mnist")(lambda cfg: load_fashion_mnist(cfg.root, cfg.download))

@@ -5,11 +5,10 @@ from __future__ import annotations
 import torch
 
 from distillab.config import DataConfig, SyntheticConfig
+from distillab.data import registry
 from distillab.data.base import DataSplits, ImageDataset
-from distillab.data.cifar import load_cifar
-from distillab.data.digits import load_digits
-from distillab.data.fashion_mnist import load_fashion_mnist
-from distillab.errors import ConfigError
+from distillab.data.registry import register
+from distillab.errors import ConfigError, UnknownNameError
 
 
 def synthetic(cfg: SyntheticConfig, seed: int) -> DataSplits:
@@ -25,17 +24,16 @@ def synthetic(cfg: SyntheticConfig, seed: int) -> DataSplits:
     return DataSplits(make(cfg.train_size, "synthetic/train"), None, make(cfg.test_size, "synthetic/test"))
 
 
+register("synthetic")(lambda cfg: synthetic(cfg.synthetic, cfg.split_seed))
+
+
 def load_dataset(cfg: DataConfig) -> DataSplits:
-    """The full official train and test sets of `cfg.name` (no validation split)."""
-    if cfg.name == "digits":
-        return load_digits()
-    if cfg.name == "fashion_mnist":
-        return load_fashion_mnist(cfg.root, cfg.download)
-    if cfg.name in ("cifar10", "cifar100"):
-        return load_cifar(cfg.root, cfg.name, cfg.download)
-    if cfg.name == "synthetic":
-        return synthetic(cfg.synthetic, cfg.split_seed)
-    raise ConfigError(f"data.name: unknown dataset {cfg.name!r}")
+    """The full official train and test sets of `cfg.name` (no validation split), from the dataset registry."""
+    try:
+        loader = registry.get(cfg.name)
+    except UnknownNameError as exc:
+        raise ConfigError(f"data.name: {exc}") from None
+    return loader(cfg)
 
 
 def split_train(train: ImageDataset, val_size: int, train_subset: int | None,

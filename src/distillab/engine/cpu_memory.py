@@ -26,7 +26,8 @@ _applied: bool | None = None
 def keep_freed_memory() -> bool:
     """Tell glibc malloc not to use `mmap` for large blocks and never to trim the heap; once per process.
 
-    Returns whether it applied (False off Linux or without glibc). `Trainer` calls it for CPU runs.
+    Returns whether it applied (False off Linux or without glibc). `distillab train` (`run.train_run`) and
+    `bench throughput` call it for CPU runs; a Python user who builds a Trainer directly may call it first.
     """
     global _applied
     if _applied is None:

@@ -50,6 +50,16 @@ def init_world(device: torch.device) -> World:
     return world
 
 
+def current_world() -> World:
+    """The world this process has joined: a world of one unless `init_world` joined a torchrun launch. Refuses a
+    torchrun launch whose process group nobody joined (the CLI joins it; a Python user calls `init_world`)."""
+    world = world_from_env()
+    if world.distributed and not dist.is_initialized():
+        raise DistillabError(f"WORLD_SIZE={world.world_size} but this process has not joined the process group: "
+                             "call distillab.engine.distributed.init_world(device) first (the CLI does)")
+    return world
+
+
 def local_device(device: torch.device, world: World) -> torch.device:
     """Each rank drives its own GPU (cuda:LOCAL_RANK); CPU ranks share the CPU."""
     if device.type == "cuda" and world.distributed:

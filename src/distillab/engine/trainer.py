@@ -31,8 +31,7 @@ from distillab.engine.checkpoint import (
     save_safetensors,
     write_text_atomic,
 )
-from distillab.engine.cpu_memory import keep_freed_memory
-from distillab.engine.distributed import World, all_reduce_sum, barrier, broadcast_flag, init_world, local_device
+from distillab.engine.distributed import World, all_reduce_sum, barrier, broadcast_flag, current_world, local_device
 from distillab.engine.evaluate import eval_loader, evaluate_sums
 from distillab.engine.schedule import learning_rate
 from distillab.engine.teacher_cache import build_teacher_cache
@@ -119,10 +118,8 @@ class Trainer:
         self.console = console or Console()
         self.on_epoch_end = on_epoch_end
         device = resolve_device(self.cfg.device)
-        self.world: World = init_world(device)
+        self.world: World = current_world()
         self.device = local_device(device, self.world)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.amp_dtype = autocast_dtype(self.cfg.amp, self.device)
         if tuple(method.input_shape) != tuple(data.image_shape):
             shape = "x".join(map(str, data.image_shape))

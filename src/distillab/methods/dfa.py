@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from distillab.errors import ConfigError
@@ -67,6 +67,13 @@ class DFAOptions(MethodOptions):
     ce_weight: float = Field(1.0, ge=0)
     search: DFASearchOptions = Field(DFASearchOptions(), description="stage-1 options: with mode searched and no "
                                      "weights, the search runs first, into <run>/stages/search")
+
+    @model_validator(mode="after")
+    def _gamma_fd_is_set(self) -> DFAOptions:
+        if self.gamma_fd is None:  # checked with the config, before any data or teacher loads
+            raise ValueError("gamma_fd is required for dfa (the paper gives no value; the spec suggests trying 1, "
+                             "10 and 100)")
+        return self
 
 
 # ---------------------------------------------------------------------------------------------- groups
@@ -188,9 +195,6 @@ class DFA(Method):
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
-        if self.opts.gamma_fd is None:
-            raise ConfigError("method.options.gamma_fd is required for dfa (the paper gives no value; the spec "
-                              "suggests trying 1, 10 and 100)")
         self.groups = match_groups(teacher, student, self.input_shape)
         for i, weights in enumerate(fixed_weights(self.opts, self.groups.sizes)):
             self.register_buffer(f"alpha_{i}", weights)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+import pkgutil
 from collections.abc import Callable
 
 from torch import nn
@@ -46,5 +48,9 @@ def build(name: str, num_classes: int = 100, in_channels: int = 3, **kwargs) -> 
 
 
 def _load_zoo() -> None:
-    """Import the zoo modules so that their `@register` decorators run."""
-    from distillab.models import zoo  # noqa: F401
+    """Import every module of this package, so that their `@register` decorators run (a new model family is
+    one new file, as a method is)."""
+    import distillab.models as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        importlib.import_module(f"distillab.models.{info.name}")
