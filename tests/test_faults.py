@@ -180,7 +180,7 @@ def bad_inputs(tmp, cfg):
         (["train", str(cfg), "--set", "train.epochs"], "expected key=value"),
         (["train", str(cfg), "--set", "train.schedule.name=step", "--set", "train.schedule.milestones=[2, 9]"],
          "lie beyond epochs=6"),
-        (["train", str(cfg), "--set", "data.name=imagenet"], "data.name: Input should be"),
+        (["train", str(cfg), "--set", "data.name=imagenet"], "data.name: unknown dataset 'imagenet'"),
         (["bench", "suite", str(tmp / "suite.yaml"), "--seeds", "0"], "--seeds must be at least 1"),
         (["eval", str(tmp / "runs" / "never")], "not a run directory"),
     ]

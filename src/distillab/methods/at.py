@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.zoo_taps import stage_names
+from distillab.roles import roles
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
@@ -44,8 +44,8 @@ class AT(Method):
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
-        s_names = self.opts.student_layers or stage_names(student, "student_layers")
-        t_names = self.opts.teacher_layers or stage_names(teacher, "teacher_layers")
+        s_names = self.opts.student_layers or roles(student, "student_layers").stage_names
+        t_names = self.opts.teacher_layers or roles(teacher, "teacher_layers").stage_names
         pairs = min(len(s_names), len(t_names))
         self.student_tap = self.tap(student, s_names[:pairs])
         self.teacher_tap = self.tap(teacher, t_names[:pairs])

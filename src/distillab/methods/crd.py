@@ -26,7 +26,7 @@ from torch import nn
 from distillab.errors import ConfigError
 from distillab.methods.base import Method, MethodOptions, register
 from distillab.methods.kd import kd_loss
-from distillab.methods.zoo_taps import pooled_name
+from distillab.roles import roles
 
 _NCE_EPS = 1e-7
 
@@ -129,8 +129,8 @@ class CRD(Method):
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
-        s_name = self.opts.student_layer or pooled_name(student, "student_layer")
-        t_name = self.opts.teacher_layer or pooled_name(teacher, "teacher_layer")
+        s_name = self.opts.student_layer or roles(student, "student_layer").pooled
+        t_name = self.opts.teacher_layer or roles(teacher, "teacher_layer").pooled
         s_dim = math.prod(self.shapes(student, [s_name])[s_name])
         t_dim = math.prod(self.shapes(teacher, [t_name])[t_name])
         self.embed_student = Embed(s_dim, self.opts.feat_dim)

@@ -27,6 +27,7 @@ from torch import nn
 from distillab.errors import ConfigError
 from distillab.methods.base import Method, MethodOptions, Stage, register
 from distillab.models.staged import StagedNet
+from distillab.roles import roles
 
 AGGREGATION_FILE = "aggregation.json"
 
@@ -200,7 +201,7 @@ class DFA(Method):
             self.register_buffer(f"alpha_{i}", weights)
         self.connectors = nn.ModuleList(feature_connector(cs, ct) for cs, ct in
                                         zip(self.groups.student_channels, self.groups.teacher_channels, strict=True))
-        self.student_tap = self.tap(student, student.feature_names)
+        self.student_tap = self.tap(student, roles(student).stage_names)
 
     @classmethod
     def stages(cls, options: DFAOptions) -> list[Stage]:

@@ -27,6 +27,7 @@ from distillab.errors import ConfigError
 from distillab.methods.base import Method, MethodOptions, register
 from distillab.methods.dist import dist_loss
 from distillab.methods.kd import kd_loss
+from distillab.roles import roles
 
 BranchKind = Literal["feature", "logits"]
 Distance = Literal["mse", "kl", "dist"]
@@ -238,14 +239,6 @@ class DiffKDOptions(MethodOptions):
         return self
 
 
-def prepool_layer(model: nn.Module, option: str) -> str:
-    name = getattr(model, "prepool_name", None)
-    if name is None:
-        raise ConfigError(f"{type(model).__name__} is not a zoo model: set method.options.{option} "
-                          "to the module whose output is the map before global pooling")
-    return name
-
-
 @register("diffkd")
 class DiffKD(Method):
     Options = DiffKDOptions
@@ -264,8 +257,8 @@ class DiffKD(Method):
                 raise ConfigError(f"the logits branch needs as many student outputs as teacher outputs ({ks} vs {kt})")
             self.logit_branch = DiffusionBranch(ks, kt, "logits", **branch)
         if o.feature:
-            s_name = o.student_layer or prepool_layer(student, "student_layer")
-            t_name = o.teacher_layer or prepool_layer(teacher, "teacher_layer")
+            s_name = o.student_layer or roles(student, "student_layer").prepool
+            t_name = o.teacher_layer or roles(teacher, "teacher_layer").prepool
             cs, ct = self.shapes(student, [s_name])[s_name][0], self.shapes(teacher, [t_name])[t_name][0]
             self.feature_branch = DiffusionBranch(cs, ct, "feature", ae_channels=o.ae_channels, **branch)
             self.student_tap = self.tap(student, [s_name])

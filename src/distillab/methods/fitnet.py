@@ -13,6 +13,7 @@ from torch import nn
 
 from distillab.errors import ConfigError
 from distillab.methods.base import Method, MethodOptions, register
+from distillab.roles import roles
 
 
 class ConvReg(nn.Sequential):
@@ -32,14 +33,6 @@ class ConvReg(nn.Sequential):
         super().__init__(conv, nn.BatchNorm2d(ct), *([nn.ReLU()] if relu else []))
 
 
-def default_layer(model: nn.Module, index: int, option: str) -> str:
-    """The tap name of stage `index` of a zoo model; other models must name the layer in the options."""
-    names = getattr(model, "feature_names", None)
-    if not names:
-        raise ConfigError(f"{type(model).__name__} is not a zoo model: set method.options.{option}")
-    return names[min(index, len(names) - 1)]
-
-
 class FitNetOptions(MethodOptions):
     ce_weight: float = Field(1.0, ge=0)
     hint_weight: float = Field(100.0, ge=0)
@@ -54,8 +47,8 @@ class FitNet(Method):
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
-        s_name = self.opts.student_layer or default_layer(student, 1, "student_layer")
-        t_name = self.opts.teacher_layer or default_layer(teacher, 1, "teacher_layer")
+        s_name = self.opts.student_layer or roles(student, "student_layer").stage(1).name
+        t_name = self.opts.teacher_layer or roles(teacher, "teacher_layer").stage(1).name
         s_shape = self.shapes(student, [s_name])[s_name]
         t_shape = self.shapes(teacher, [t_name])[t_name]
         self.regressor = ConvReg(s_shape, t_shape)

@@ -30,6 +30,7 @@ from torch import nn
 from distillab.errors import ConfigError
 from distillab.methods.base import Method, MethodOptions, register
 from distillab.methods.kd import kd_loss
+from distillab.roles import StageInfo, roles
 
 
 # ------------------------------------------------------------------------------ sparse recoding penalty
@@ -117,14 +118,10 @@ def moments_prior(weights: torch.Tensor, teacher_moments: torch.Tensor) -> torch
     return (weights.mean() - teacher_moments[0]) ** 2 + (weights.std(correction=0) - teacher_moments[1]) ** 2
 
 
-# ------------------------------------------------------------------------------ stages of zoo models
-def stage_shapes_of(method: Method, model: nn.Module, role: str) -> list[tuple]:
-    """(C, H, W) of every stage output of a zoo model at the method's input shape."""
-    if not isinstance(getattr(model, "stages", None), nn.ModuleList):
-        raise ConfigError(f"kr needs zoo models (StagedNet, with `stages`); the {role} {type(model).__name__} "
-                          "has none")
-    names = [f"stages.{i}" for i in range(len(model.stages))]
-    return list(method.shapes(model, names).values())
+# ------------------------------------------------------------------------------ stages, from the roles
+def stage_shapes_of(method: Method, model: nn.Module) -> list[tuple]:
+    """(C, H, W) of every stage output at the method's input shape."""
+    return list(method.shapes(model, roles(model).stage_names).values())
 
 
 def pair_stages(student_shapes: list[tuple], teacher_shapes: list[tuple]) -> list[tuple[int, int]]:
@@ -137,14 +134,11 @@ def pair_stages(student_shapes: list[tuple], teacher_shapes: list[tuple]) -> lis
             if tuple(s[1:]) in by_resolution]
 
 
-def block_feature_name(model: nn.Module, stage: int, block: int, feature_point: str) -> str:
-    """Tap name of one block's output, or of its pre-activation (the input of its final `relu`) for `preact`;
+def block_feature(stage: StageInfo, block: int, feature_point: str) -> str:
+    """Tap name of one block's output, or of its pre-activation (the input of its final ReLU) for `preact`;
     blocks that end without a ReLU (pre-activation WRN, linear bottlenecks) give their output for both."""
-    module = model.stages[stage][block]
-    name = f"stages.{stage}.{block}"
-    if feature_point == "preact" and isinstance(getattr(module, "relu", None), nn.ReLU):
-        return f"{name}.relu:input"
-    return name
+    preact = stage.block_preacts[block] if feature_point == "preact" else None
+    return preact or stage.blocks[block]
 
 
 # ------------------------------------------------------------------------------ the method
@@ -198,8 +192,8 @@ class KnowledgeRepresenting(Method):
         self.register_load_state_dict_post_hook(KnowledgeRepresenting._after_load)
 
     def _selected_pairs(self) -> list[tuple[int, int]]:
-        s_shapes = stage_shapes_of(self, self.student, "student")
-        pairs = pair_stages(s_shapes, stage_shapes_of(self, self.teacher, "teacher"))
+        s_shapes = stage_shapes_of(self, self.student)
+        pairs = pair_stages(s_shapes, stage_shapes_of(self, self.teacher))
         if self.opts.stages is not None:
             paired = {i: j for i, j in pairs}
             missing = [i for i in self.opts.stages if i not in paired]
@@ -214,11 +208,11 @@ class KnowledgeRepresenting(Method):
     # -- reading A: features --------------------------------------------------------------
     def _setup_features(self, pairs: list[tuple[int, int]]) -> None:
         point = self.opts.feature_point
-        self.student_names = [block_feature_name(self.student, i, len(self.student.stages[i]) - 1, point)
-                              for i, _ in pairs]
-        depths = [len(self.teacher.stages[j]) for _, j in pairs]
+        s_stages, t_stages = roles(self.student).stages, roles(self.teacher).stages
+        self.student_names = [block_feature(s_stages[i], -1, point) for i, _ in pairs]
+        depths = [len(t_stages[j].blocks) for _, j in pairs]
         blocks = [range(n) if self.opts.aggregate == "mean" else [n - 1] for n in depths]
-        self.teacher_groups = [[block_feature_name(self.teacher, j, b, point) for b in stage_blocks]
+        self.teacher_groups = [[block_feature(t_stages[j], b, point) for b in stage_blocks]
                                for (_, j), stage_blocks in zip(pairs, blocks, strict=True)]
         s_shapes = self.shapes(self.student, self.student_names)
         t_shapes = self.shapes(self.teacher, [n for group in self.teacher_groups for n in group])
@@ -256,8 +250,8 @@ class KnowledgeRepresenting(Method):
         o = self.opts
         self.student_convs: list[list[nn.Conv2d]] = []
         for k, (i, j) in enumerate(pairs):
-            convs = stage_convs(self.student.stages[i], o.kernels)
-            teacher_convs = stage_convs(self.teacher.stages[j], o.kernels)
+            convs = stage_convs(self.student.get_submodule(roles(self.student).stages[i].name), o.kernels)
+            teacher_convs = stage_convs(self.teacher.get_submodule(roles(self.teacher).stages[j].name), o.kernels)
             if not convs or not teacher_convs:
                 raise ConfigError(f"method.options.kernels={o.kernels}: student stage {i} or teacher stage {j} "
                                   "has no such conv; use kernels: all")

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from distillab.methods.base import MethodOptions, register
 from distillab.methods.layer_pair import LayerPairMethod
-from distillab.methods.zoo_taps import pooled_name
+from distillab.roles import FeatureInfo
 
 _EPS = 1e-7
 
@@ -44,8 +44,8 @@ class PKT(LayerPairMethod):
     Options = PKTOptions
 
     @staticmethod
-    def default_layer(model, option: str) -> str:
-        return pooled_name(model, option)
+    def layer_role(info: FeatureInfo) -> str:
+        return info.pooled
 
     def feature_terms(self, f_s: torch.Tensor, f_t: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"pkt": self.opts.pkt_weight * pkt_loss(f_s, f_t)}

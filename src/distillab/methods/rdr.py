@@ -35,7 +35,6 @@ from distillab.errors import ConfigError
 from distillab.features import FeatureTap
 from distillab.methods.base import Method, MethodOptions, register
 from distillab.methods.kd import kd_loss
-from distillab.methods.zoo_taps import preact_stage_names
 from distillab.reparam import (
     RepBranches,
     branch_kernel_size,
@@ -43,6 +42,7 @@ from distillab.reparam import (
     load_into_conv_bn,
     merge_branches,
 )
+from distillab.roles import FeatureInfo, roles
 
 Schedule = Literal["linear", "cosine"]
 Mix = Literal["vp", "linear"]
@@ -148,23 +148,11 @@ class Site:
     feature: str
 
 
-def default_conv(student: nn.Module) -> str:
-    """The last conv before global pooling: the last conv of `head.pre` if it has one (MobileNetV2,
-    ShuffleV2), else the last conv child of the last block of the last stage, shortcuts excluded."""
-    names = getattr(student, "feature_names", None)
-    if not names:
-        raise ConfigError(f"{type(student).__name__} is not a zoo model: set method.options.where")
-    pre = student.get_submodule(student.prepool_name)
-    convs = [n for n, m in pre.named_modules() if isinstance(m, nn.Conv2d)]
-    if convs:
-        return f"{student.prepool_name}.{convs[-1]}"
-    stage = student.get_submodule(names[-1])
-    block = f"{names[-1]}.{len(stage) - 1}"
-    convs = [n for n, m in student.get_submodule(block).named_children()
-             if isinstance(m, nn.Conv2d) and n != "shortcut"]
-    if not convs:
-        raise ConfigError(f"{type(student).__name__}: no conv in {block!r}: set method.options.where")
-    return f"{block}.{convs[-1]}"
+def default_conv(info: FeatureInfo) -> str:
+    """The last conv before global pooling (the roles' `last_conv`): where the branches go by default."""
+    if info.last_conv is None:
+        raise ConfigError("the student has no conv right before its global pooling: set method.options.where")
+    return info.last_conv
 
 
 def locate(student: nn.Module, where: str) -> Site:
@@ -300,9 +288,12 @@ class RDR(Method):
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
         opts = self.opts
-        self.site = locate(student, opts.where or default_conv(student))
-        if opts.target_guided and self.site.block not in (student.prepool_name, _last_block(student)):
-            raise ConfigError("method.options.target_guided needs the replaced layer in the last block or head.pre")
+        info = roles(student, "where") if opts.where is None or opts.target_guided else None
+        self.site = locate(student, opts.where or default_conv(info))
+        self._prepool = info.prepool if info else None
+        if opts.target_guided and self.site.block not in (info.prepool, info.stages[-1].blocks[-1]):
+            raise ConfigError("method.options.target_guided needs the replaced layer in the student's last block or "
+                              "in the module before its global pooling")
         conv = student.get_submodule(self.site.conv)
         bn = student.get_submodule(self.site.bn) if self.site.bn else None
         kinds = branch_kinds(conv, opts.branch_kinds, opts.K)
@@ -320,7 +311,8 @@ class RDR(Method):
             replace_module(student, self.site.bn, nn.Identity())
         self._replaced_params = sum(p.numel() for m in (conv, bn) if m is not None for p in m.parameters())
 
-        self.teacher_name = opts.teacher_layer or teacher_feature_name(teacher, opts.teacher_feature, self.input_shape)
+        self.teacher_name = opts.teacher_layer or teacher_feature_name(roles(teacher, "teacher_layer"),
+                                                                       opts.teacher_feature)
         teacher_shape = self.shapes(teacher, [self.teacher_name])[self.teacher_name]
         teacher_channels = teacher_shape[-1] if len(teacher_shape) == 2 else teacher_shape[0]
         self.bridge = (bridge(feature_shape[0], teacher_channels) if opts.bridge == "shared" else
@@ -369,7 +361,7 @@ class RDR(Method):
         block = self.student.get_submodule(self.site.block)
         act = block.relu(feature) if self.site.feature.endswith(":input") else feature
         head = self.student.head
-        return head.fc(head.pool(act)) if self.site.block == self.student.prepool_name else head(act)
+        return head.fc(head.pool(act)) if self.site.block == self._prepool else head(act)
 
     # -- deployment -------------------------------------------------------------------------------
     @property
@@ -405,22 +397,12 @@ class RDR(Method):
         return super().side_parameter_count() + branches - self._replaced_params
 
 
-def teacher_feature_name(teacher: nn.Module, which: str, input_shape: tuple[int, ...]) -> str:
-    """The teacher's pre-pool map (`postact`), or the same before its final activation (`preact`): the input of
-    `head.pre`'s ReLU when `head.pre` holds a conv, else the last stage's pre-activation output."""
-    if not getattr(teacher, "feature_names", None):
-        raise ConfigError(f"{type(teacher).__name__} is not a zoo model: set method.options.teacher_layer")
+def teacher_feature_name(info: FeatureInfo, which: str) -> str:
+    """The teacher's pre-pool map (`postact`), or the same before its final activation (`preact`; the last stage
+    output itself where it ends without one)."""
     if which == "postact":
-        return teacher.prepool_name
-    pre = teacher.get_submodule(teacher.prepool_name)
-    if isinstance(getattr(pre, "relu", None), nn.ReLU) and any(isinstance(m, nn.Conv2d) for m in pre.modules()):
-        return f"{teacher.prepool_name}.relu:input"
-    return preact_stage_names(teacher, input_shape, "teacher_layer")[-1]
-
-
-def _last_block(model: nn.Module) -> str | None:
-    names = getattr(model, "feature_names", None)
-    return f"{names[-1]}.{len(model.get_submodule(names[-1])) - 1}" if names else None
+        return info.prepool
+    return info.prepool_preact or info.stage_preacts[-1]
 
 
 def _common_size(student: torch.Tensor, teacher: torch.Tensor, mode: str) -> tuple[int, int]:

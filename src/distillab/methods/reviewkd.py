@@ -23,7 +23,7 @@ from torch import nn
 
 from distillab.methods.base import Method, MethodOptions, register
 from distillab.methods.dkd import warmup_factor
-from distillab.methods.zoo_taps import pooled_name, preact_stage_names, stage_names
+from distillab.roles import FeatureInfo, roles
 
 _POOL_SIZES = (4, 2, 1)
 
@@ -99,6 +99,11 @@ class ReviewKDOptions(MethodOptions):
                                              "stage outputs and the pooled vector")
 
 
+def review_levels(info: FeatureInfo, preact: bool) -> list[str]:
+    """Every stage (the teacher's before their last ReLU, mdistiller's `preact_feats`) then the pooled vector."""
+    return [*(info.stage_preacts if preact else info.stage_names), info.pooled]
+
+
 @register("reviewkd")
 class ReviewKD(Method):
     Options = ReviewKDOptions
@@ -106,10 +111,8 @@ class ReviewKD(Method):
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
-        s_names = self.opts.student_layers or [*stage_names(student, "student_layers"),
-                                               pooled_name(student, "student_layers")]
-        t_names = self.opts.teacher_layers or [*preact_stage_names(teacher, self.input_shape, "teacher_layers"),
-                                               pooled_name(teacher, "teacher_layers")]
+        s_names = self.opts.student_layers or review_levels(roles(student, "student_layers"), preact=False)
+        t_names = self.opts.teacher_layers or review_levels(roles(teacher, "teacher_layers"), preact=True)
         levels = min(len(s_names), len(t_names))
         s_names, t_names = s_names[-levels:], t_names[-levels:]
         s_shapes = [_as_map_shape(s) for s in self.shapes(student, s_names).values()]

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from distillab.methods.base import MethodOptions, register
 from distillab.methods.layer_pair import LayerPairMethod
-from distillab.methods.zoo_taps import pooled_name
+from distillab.roles import FeatureInfo
 
 
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -57,8 +57,8 @@ class RKD(LayerPairMethod):
     Options = RKDOptions
 
     @staticmethod
-    def default_layer(model, option: str) -> str:
-        return pooled_name(model, option)
+    def layer_role(info: FeatureInfo) -> str:
+        return info.pooled
 
     def feature_terms(self, f_s: torch.Tensor, f_t: torch.Tensor) -> dict[str, torch.Tensor]:
         distance, angle = rkd_terms(f_s, f_t)

@@ -13,7 +13,7 @@ from pydantic import Field
 
 from distillab.methods.base import MethodOptions, register
 from distillab.methods.layer_pair import LayerPairMethod
-from distillab.methods.zoo_taps import stage_names
+from distillab.roles import FeatureInfo
 
 
 def similarity_matrix(feature: torch.Tensor) -> torch.Tensor:
@@ -39,8 +39,8 @@ class SP(LayerPairMethod):
     Options = SPOptions
 
     @staticmethod
-    def default_layer(model, option: str) -> str:
-        return stage_names(model, option)[-1]
+    def layer_role(info: FeatureInfo) -> str:
+        return info.stages[-1].name
 
     def feature_terms(self, f_s: torch.Tensor, f_t: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sp": self.opts.sp_weight * sp_loss(f_s, f_t)}

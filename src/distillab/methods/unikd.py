@@ -30,7 +30,7 @@ from distillab.methods.dkd import dkd_loss
 from distillab.methods.kd import kd_loss
 from distillab.methods.mlkd import mlkd_terms
 from distillab.methods.reviewkd import gated_sum
-from distillab.models.wrn import PreActBlock
+from distillab.roles import FeatureInfo, roles
 
 MAX_MID_CHANNELS = 512
 
@@ -117,27 +117,18 @@ class GaussianHead(nn.Module):
         return mean + torch.exp(0.5 * log_var) * noise, mean, log_var
 
 
-def default_teacher_feature(teacher: nn.Module) -> str:
-    """Tap name of a zoo teacher's stage-1 output before its final ReLU (the authors' `preact_feats[1]`):
-    the input of the last block's `relu`, or for pre-activation WRNs the next block's BN output."""
-    stages = getattr(teacher, "stages", None)
-    if stages is None:
-        raise ConfigError(f"{type(teacher).__name__} is not a zoo model: set method.options.teacher_layer")
-    last = len(stages[0]) - 1
-    if isinstance(getattr(stages[0][last], "relu", None), nn.ReLU):
-        return f"stages.0.{last}.relu:input"
-    if len(stages) > 1 and isinstance(stages[1][0], PreActBlock):
-        return "stages.1.0.relu1:input"
-    raise ConfigError(f"cannot find the stage-1 pre-activation of {type(teacher).__name__}: "
-                      "set method.options.teacher_layer")
+def default_teacher_feature(info: FeatureInfo) -> str:
+    """A teacher's stage-1 output before its final ReLU (the authors' `preact_feats[1]`): the input of the last
+    block's ReLU, or for pre-activation WRNs the next block's BN output (the roles' `next_preact`)."""
+    name = info.stages[0].next_preact
+    if name is None:
+        raise ConfigError("the teacher's first stage has no single pre-ReLU map: set method.options.teacher_layer")
+    return name
 
 
-def _zoo_levels(model: nn.Module, fix: str) -> list[str]:
-    """Stage outputs then the pooled feature of a zoo model (the AFF levels, shallowest first)."""
-    names = getattr(model, "feature_names", None)
-    if not names:
-        raise ConfigError(f"{type(model).__name__} is not a zoo model: set method.options.{fix}")
-    return [*names, model.pooled_name]
+def aff_levels(info: FeatureInfo) -> list[str]:
+    """Stage outputs then the pooled feature (the AFF levels, shallowest first)."""
+    return [*info.stage_names, info.pooled]
 
 
 class UniKDOptions(MethodOptions):
@@ -187,15 +178,16 @@ class UniKD(Method):
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
         o = self.opts
-        s_names = o.student_layers or _zoo_levels(student, "student_layers")
-        t_name = o.teacher_layer or default_teacher_feature(teacher)
+        s_names = o.student_layers or aff_levels(roles(student, "student_layers"))
+        t_name = o.teacher_layer or default_teacher_feature(roles(teacher, "teacher_layer"))
         t_levels = [] if o.prune_unused else self._teacher_levels(teacher, len(s_names))
         s_shapes = self.shapes(student, [*s_names, ""])  # "" taps the whole model: its logits
-        t_shapes = self.shapes(teacher, [t_name, *t_levels, *([] if o.teacher_layer else ["stages.0"])])
+        first = [] if o.teacher_layer else [roles(teacher).stages[0].name]
+        t_shapes = self.shapes(teacher, [t_name, *t_levels, *first])
         t_shape = t_shapes[t_name]
         if len(t_shape) != 3:
             raise ConfigError(f"method.options.teacher_layer: {t_name!r} is not a feature map (shape {t_shape})")
-        if not o.teacher_layer and t_shape != t_shapes["stages.0"]:  # e.g. ShuffleV2: its ReLU sees half the map
+        if first and t_shape != t_shapes[first[0]]:  # e.g. ShuffleV2: its ReLU sees half the map
             raise ConfigError(f"{type(teacher).__name__}'s stage-1 output has no single pre-ReLU map "
                               f"({t_name} is {t_shape}): set method.options.teacher_layer")
         deeper = [None] * (len(s_names) - 1) if o.prune_unused else [t_shapes[n][0] for n in t_levels]
@@ -210,7 +202,7 @@ class UniKD(Method):
     @staticmethod
     def _teacher_levels(teacher: nn.Module, levels: int) -> list[str]:
         """The teacher's stages 2.. then pooled feature: they size the deeper levels' (unused) projections."""
-        names = _zoo_levels(teacher, "prune_unused=true (the unused projections follow the teacher's stages)")[1:]
+        names = aff_levels(roles(teacher, "teacher_layer"))[1:]
         if len(names) != levels - 1:
             raise ConfigError(f"the student has {levels} AFF levels but the teacher {len(names) + 1}: "
                               "set method.options.prune_unused=true")

@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.zoo_taps import stage_names
+from distillab.roles import roles
 
 
 class VIDRegressor(nn.Module):
@@ -63,8 +63,8 @@ class VID(Method):
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
-        s_names = self.opts.student_layers or stage_names(student, "student_layers")
-        t_names = self.opts.teacher_layers or stage_names(teacher, "teacher_layers")
+        s_names = self.opts.student_layers or roles(student, "student_layers").stage_names
+        t_names = self.opts.teacher_layers or roles(teacher, "teacher_layers").stage_names
         pairs = min(len(s_names), len(t_names))
         s_names, t_names = s_names[:pairs], t_names[:pairs]
         s_channels = [s[0] for s in self.shapes(student, s_names).values()]

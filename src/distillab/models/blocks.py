@@ -44,6 +44,8 @@ def projection(in_channels: int, out_channels: int, stride: int) -> nn.Module:
 class BasicBlock(nn.Module):
     """Post-activation residual block: conv3x3-BN-ReLU, conv3x3-BN, add shortcut, `relu`."""
 
+    ends_with_relu = True
+
     expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
@@ -64,6 +66,8 @@ class BasicBlock(nn.Module):
 
 class Bottleneck(nn.Module):
     """Post-activation bottleneck: 1x1 reduce, 3x3 (carries the stride), 1x1 expand x4, add, `relu`."""
+
+    ends_with_relu = True
 
     expansion = 4
 

@@ -7,6 +7,7 @@ channels (+BN-ReLU) is `head.pre`.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -72,6 +73,8 @@ class MobileNetV2(StagedNet):
         )
         last = int(1280 * width) if width > 1.0 else 1280
         self.head = ClassifierHead(last, num_classes, pre=conv_bn(channels, last, 1))
+        self.declare_stages([int(_GROUPS[merged[-1]][0] * width) for merged in _STAGES],
+                            [math.prod(_GROUPS[g][2] for g in merged) for merged in _STAGES], stem_stride=2)
         init_conv_fan_out(self)
         init_linear_small(self)
 

@@ -38,6 +38,7 @@ class ResNet(StagedNet):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
         self.head = ClassifierHead(planes_in, num_classes)
+        self.declare_stages([p * block.expansion for p in (64, 128, 256, 512)], (1, 2, 2, 2))
         init_conv_fan_out(self)
         if zero_init_residual:
             for m in self.modules():

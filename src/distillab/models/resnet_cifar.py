@@ -41,6 +41,7 @@ class CifarResNet(StagedNet):
             planes_in = planes
         self.stages = nn.ModuleList(stages)
         self.head = ClassifierHead(widths[-1], num_classes)
+        self.declare_stages(widths[1:], (1, 2, 2))
         init_conv_fan_out(self)
 
 

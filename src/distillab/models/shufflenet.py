@@ -21,6 +21,8 @@ class ShuffleV1Unit(nn.Module):
     `out_planes` new channels to its input); at stride 1 it is the identity and is added.
     """
 
+    ends_with_relu = True
+
     def __init__(self, in_planes: int, out_planes: int, stride: int, groups: int, first_groups: int) -> None:
         super().__init__()
         mid = out_planes // 4
@@ -71,6 +73,7 @@ class ShuffleNetV1(StagedNet):
             stages.append(nn.Sequential(*units))
         self.stages = nn.ModuleList(stages)
         self.head = ClassifierHead(out_planes[-1], num_classes)
+        self.declare_stages(out_planes, (2, 2, 2))
 
 
 class ShuffleV2Unit(nn.Module):
@@ -149,6 +152,7 @@ class ShuffleNetV2(StagedNet):
             planes_in = planes
         self.stages = nn.ModuleList(stages)
         self.head = ClassifierHead(out_planes[3], num_classes, pre=conv_bn(planes_in, out_planes[3], 1))
+        self.declare_stages(out_planes[:3], (2, 2, 2))
 
 
 register("ShuffleV1")(ShuffleNetV1)

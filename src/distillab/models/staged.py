@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+from distillab.roles import FeatureInfo, StageInfo
 
 
 class ClassifierHead(nn.Module):
@@ -37,6 +41,47 @@ class StagedNet(nn.Module):
     def __init__(self, in_channels: int = 3) -> None:
         super().__init__()
         self._in_channels = in_channels
+        self._stage_channels: tuple[int, ...] = ()
+        self._stage_strides: tuple[int, ...] = ()
+        self._stem_stride = 1
+
+    def declare_stages(self, channels: Sequence[int], strides: Sequence[int], stem_stride: int = 1) -> None:
+        """Every family's constructor states its stages' output channels and strides (for `feature_info`)."""
+        self._stage_channels, self._stage_strides, self._stem_stride = tuple(channels), tuple(strides), stem_stride
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        """The feature roles, from the declared widths and strides and the module layout (no forward pass).
+        A block ends in a ReLU of its full output when its class sets `ends_with_relu`."""
+        if len(self._stage_channels) != len(self.stages) or len(self._stage_strides) != len(self.stages):
+            raise TypeError(f"{type(self).__name__} must call declare_stages() with one entry per stage")
+        stages, reduction = [], self._stem_stride
+        for i, (stage, channels, stride) in enumerate(zip(self.stages, self._stage_channels, self._stage_strides,
+                                                          strict=True)):
+            reduction *= stride
+            blocks = tuple(f"stages.{i}.{j}" for j in range(len(stage)))
+            preacts = tuple(f"{name}.relu:input" if getattr(block, "ends_with_relu", False) else None
+                            for name, block in zip(blocks, stage, strict=True))
+            stages.append(StageInfo(f"stages.{i}", channels, reduction, blocks, preacts, preacts[-1],
+                                    self.next_preact(i, preacts[-1])))
+        pre = self.head.pre
+        pre_convs = [n for n, m in pre.named_modules() if isinstance(m, nn.Conv2d)]
+        pre_relu = isinstance(getattr(pre, "relu", None), nn.ReLU)
+        return FeatureInfo(
+            stages=tuple(stages), prepool="head.pre",
+            prepool_preact="head.pre.relu:input" if pre_convs and pre_relu else stages[-1].preact,
+            pooled="head.pool", channels=self.head.fc.in_features,
+            last_conv=f"head.pre.{pre_convs[-1]}" if pre_convs else self._last_block_conv(stages[-1].blocks[-1]))
+
+    def next_preact(self, stage_index: int, preact: str | None) -> str | None:
+        """The pre-activation the next layer computes from stage `stage_index`'s output (see StageInfo): its own
+        `preact` for post-activation blocks; pre-activation families override it."""
+        return preact
+
+    def _last_block_conv(self, block: str) -> str | None:
+        convs = [n for n, m in self.get_submodule(block).named_children() if isinstance(m, nn.Conv2d)
+                 and n != "shortcut"]
+        return f"{block}.{convs[-1]}" if convs else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from(0, self.stem(x))
@@ -50,8 +95,8 @@ class StagedNet(nn.Module):
 
     @property
     def stage_channels(self) -> list[int]:
-        """Output channels of each stage, found by a dry forward pass at the model's native size."""
-        return [c for c, _, _ in self.stage_shapes()]
+        """Output channels of each stage, as declared."""
+        return list(self._stage_channels)
 
     def stage_shapes(self, input_size: tuple[int, int, int] | None = None) -> list[tuple[int, int, int]]:
         """(C, H, W) of every stage output for one input of `input_size` (default: the model's own)."""

@@ -21,6 +21,8 @@ from distillab.models.staged import ClassifierHead, StagedNet
 class VGGLayer(nn.Module):
     """Optional 2x2 max-pool, then 3x3 conv (with bias), BN and `relu`."""
 
+    ends_with_relu = True
+
     def __init__(self, in_channels: int, out_channels: int, pool: bool = False) -> None:
         super().__init__()
         self.pool = nn.MaxPool2d(2, 2, ceil_mode=True) if pool else nn.Identity()
@@ -50,6 +52,7 @@ class VGG(StagedNet):
         self.stem = blocks[0]
         self.stages = nn.ModuleList(blocks[1:])
         self.head = ClassifierHead(channels, num_classes)
+        self.declare_stages([widths[-1] for widths in cfg[1:]], (2, 2, 2, 1))
         init_conv_fan_out(self)
         init_linear_small(self)
 

@@ -137,6 +137,7 @@ class VisionTransformer(StagedNet):
             nn.Sequential(*[EncoderBlock(dim, heads, mlp_ratio) for _ in range(n)]) for n in sizes
         )
         self.head = ClassifierHead(dim, num_classes, pre=ChannelLayerNorm(dim))
+        self.declare_stages([dim] * stages, [1] * stages, stem_stride=patch_size)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

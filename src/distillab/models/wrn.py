@@ -72,8 +72,16 @@ class WideResNet(StagedNet):
         self.stages = nn.ModuleList(stages)
         pre = nn.Sequential(OrderedDict(bn=nn.BatchNorm2d(widths[-1]), relu=nn.ReLU()))
         self.head = ClassifierHead(widths[-1], num_classes, pre=pre)
+        self.declare_stages(widths, (1, 2, 2))
         init_conv_fan_out(self)
         nn.init.zeros_(self.head.fc.bias)
+
+    def next_preact(self, stage_index: int, preact: str | None) -> str | None:
+        """The stage output as the next pre-activation block sees it before its ReLU: the next block's `bn1`
+        output, or `head.pre`'s BN output after the last stage (RepDistiller's `preact` features of a WRN)."""
+        if stage_index + 1 < len(self.stages):
+            return f"stages.{stage_index + 1}.0.relu1:input"
+        return "head.pre.relu:input"
 
 
 for _depth, _widen in [(16, 1), (16, 2), (16, 4), (28, 2), (28, 4), (40, 1), (40, 2)]:
