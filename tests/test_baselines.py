@@ -29,6 +29,7 @@ from distillab.methods.reviewkd import gated_sum, hcl_level
 from distillab.methods.rkd import rkd_terms
 from distillab.methods.sp import sp_loss
 from distillab.methods.vid import VIDRegressor
+from distillab.roles import roles
 from distillab.run import load_run_config, train_run
 
 BASELINES = ["at", "dkd", "dist", "crd", "reviewkd", "sp", "pkt", "rkd", "vid"]
@@ -126,7 +127,7 @@ def test_at_method_sums_every_stage_pair_with_weight_1000(pair, batch):
     _, terms = method(images, labels)
     with torch.no_grad():
         expected = 0.0
-        for s_name, t_name in zip(student.feature_names, teacher.feature_names, strict=True):
+        for s_name, t_name in zip(roles(student).stage_names, roles(teacher).stage_names, strict=True):
             with FeatureTap(student, [s_name]) as ts, FeatureTap(teacher, [t_name]) as tt:
                 student(images), teacher(images)
                 expected += at_loss(ts[s_name], tt[t_name]).item()
@@ -313,7 +314,7 @@ def test_reviewkd_predictions_match_the_teacher_levels_on_the_cifar_pairs(path):
         teacher(images)
         predictions = method.review(method.student_tap.take())
     targets = method.teacher_tap.take()
-    assert len(predictions) == len(student.feature_names) + 1
+    assert len(predictions) == len(roles(student).stages) + 1
     assert [p.shape[1:] for p in predictions] == [
         t.shape[1:] if t.dim() == 4 else (t.shape[1], 1, 1) for t in targets]
     gates = [abf.gate is not None for abf in method.abfs]

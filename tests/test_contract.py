@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from distillab import methods, models
 from distillab.cli import main
 from distillab.config import load_config
-from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_safetensors
+from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from distillab.run import load_run_config, train_run
 
 pytestmark = pytest.mark.slow
@@ -41,14 +41,6 @@ def interrupt_after_first_epoch(epoch, record):
         raise Interrupt
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("contract_teacher") / "teacher.safetensors"
-    torch.manual_seed(3)
-    save_safetensors(models.build("resnet8", **DIGITS), path)
-    return str(path)
-
-
 def config(out, name: str, method: str, teacher: str):
     needs = methods.get(method).requires_teacher
     extra = ["teacher.name=resnet8", f"teacher.checkpoint={teacher}"] if needs else []
@@ -57,7 +49,8 @@ def config(out, name: str, method: str, teacher: str):
 
 
 @pytest.mark.parametrize("method", sorted(methods.available()))
-def test_every_method_keeps_the_contract(tmp_path, teacher, method):
+def test_every_method_keeps_the_contract(tmp_path, untrained_digits_teacher, method):
+    teacher = untrained_digits_teacher
     full = config(tmp_path, "full", method, teacher)
     train_run(full)
     cut = config(tmp_path, "cut", method, teacher)

@@ -25,6 +25,7 @@ from distillab.features import FeatureTap
 from distillab.methods.base import validate_options
 from distillab.methods.dfa import DFA, aggregate, block_outputs
 from distillab.methods.dfa_search import split_halves, unit_distance
+from distillab.roles import roles
 
 SHAPE = (1, 16, 16)  # stages at 16, 8 and 4 pixels
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,8 +115,8 @@ def test_last_mode_is_plain_feature_distillation_exactly():
     method = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="last", gamma_fd=3.0).eval()
     x, y = batch()
     logits, terms = method(x, y)
-    with torch.no_grad(), FeatureTap(teacher, teacher.feature_names) as t_tap, \
-            FeatureTap(student, student.feature_names) as s_tap:
+    with torch.no_grad(), FeatureTap(teacher, roles(teacher).stage_names) as t_tap, \
+            FeatureTap(student, roles(student).stage_names) as s_tap:
         teacher(x)
         expected_logits = student(x)
         expected = sum(F.mse_loss(c(s), t) for c, s, t in zip(method.connectors, s_tap.values(), t_tap.values(),

@@ -5,6 +5,7 @@ from torch import nn
 from distillab import models
 from distillab.errors import UnknownNameError
 from distillab.features import FeatureTap, feature_shapes
+from distillab.roles import roles
 
 
 def test_tap_on_plain_sequential_reads_outputs_and_inputs():
@@ -29,12 +30,12 @@ def test_tap_hooks_are_removed_on_exit():
 def test_tap_on_zoo_model_gives_stage_maps_and_logits():
     model = models.build("resnet8x4", num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)
-    names = [*model.feature_names, model.pooled_name, model.logits_name]
-    with FeatureTap(model, names) as tap:
+    info = roles(model)
+    with FeatureTap(model, [*info.stage_names, info.pooled, "head.fc"]) as tap:
         logits = model(x)
-    assert [tuple(tap[n].shape[1:]) for n in model.feature_names] == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
-    assert tap[model.pooled_name].shape == (2, 256)
-    assert torch.equal(tap[model.logits_name], logits)
+    assert [tuple(tap[n].shape[1:]) for n in info.stage_names] == [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
+    assert tap[info.pooled].shape == (2, 256)
+    assert torch.equal(tap["head.fc"], logits)
 
 
 def test_unknown_module_name_suggests_the_closest():
@@ -52,6 +53,6 @@ def test_reading_before_forward_is_a_clear_error():
 def test_feature_shapes_by_dry_run_keeps_training_mode():
     model = models.build("wrn_16_2", num_classes=10, in_channels=1)
     model.train()
-    shapes = feature_shapes(model, model.feature_names, (1, 28, 28))
+    shapes = feature_shapes(model, roles(model).stage_names, (1, 28, 28))
     assert shapes["stages.2"][0] == 128
     assert model.training

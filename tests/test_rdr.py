@@ -18,7 +18,7 @@ from distillab import methods, models
 from distillab.cli import main
 from distillab.config import load_config
 from distillab.data import load_splits
-from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_safetensors
+from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from distillab.engine.evaluate import eval_loader, evaluate
 from distillab.errors import ConfigError
 from distillab.features import FeatureTap
@@ -503,12 +503,8 @@ DIGITS_PARAMS = {"num_classes": 10, "in_channels": 1}
 
 
 @pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory) -> str:
-    """A seeded, untrained resnet8 teacher as a weights file (RDR's mechanics need its shapes, not its skill)."""
-    path = tmp_path_factory.mktemp("rdr_teacher") / "teacher.safetensors"
-    torch.manual_seed(5)
-    save_safetensors(models.build("resnet8", **DIGITS_PARAMS), path)
-    return str(path)
+def digits_teacher(untrained_digits_teacher) -> str:
+    return untrained_digits_teacher
 
 
 def digits_config(out, teacher: str, name: str, *extra: str):

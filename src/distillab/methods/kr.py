@@ -249,9 +249,10 @@ class KnowledgeRepresenting(Method):
     def _setup_weights(self, pairs: list[tuple[int, int]]) -> None:
         o = self.opts
         self.student_convs: list[list[nn.Conv2d]] = []
+        s_stages, t_stages = roles(self.student).stages, roles(self.teacher).stages
         for k, (i, j) in enumerate(pairs):
-            convs = stage_convs(self.student.get_submodule(roles(self.student).stages[i].name), o.kernels)
-            teacher_convs = stage_convs(self.teacher.get_submodule(roles(self.teacher).stages[j].name), o.kernels)
+            convs = stage_convs(self.student.get_submodule(s_stages[i].name), o.kernels)
+            teacher_convs = stage_convs(self.teacher.get_submodule(t_stages[j].name), o.kernels)
             if not convs or not teacher_convs:
                 raise ConfigError(f"method.options.kernels={o.kernels}: student stage {i} or teacher stage {j} "
                                   "has no such conv; use kernels: all")

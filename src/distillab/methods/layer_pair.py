@@ -11,9 +11,8 @@ from distillab.roles import FeatureInfo, roles
 
 class LayerPairMethod(Method):
     """Taps `student_layer` and `teacher_layer` (options; default: the feature `layer_role` picks from each
-    model's roles) and adds the
-    subclass's `feature_terms(f_s, f_t)` to the weighted cross-entropy. Options need `ce_weight`,
-    `student_layer` and `teacher_layer`."""
+    model's roles) and adds the subclass's `feature_terms(f_s, f_t)` to the weighted cross-entropy. Options need
+    `ce_weight`, `student_layer` and `teacher_layer`."""
 
     caches_teacher = True
 

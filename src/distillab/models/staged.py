@@ -123,21 +123,3 @@ class StagedNet(nn.Module):
     @property
     def in_channels(self) -> int:
         return self._in_channels
-
-    @property
-    def feature_names(self) -> list[str]:
-        """Tap names of the stage outputs, shallow to deep."""
-        return [f"stages.{i}" for i in range(len(self.stages))]
-
-    @property
-    def prepool_name(self) -> str:
-        """Tap name of the map that the head pools (after the head's `pre` module)."""
-        return "head.pre"
-
-    @property
-    def pooled_name(self) -> str:
-        return "head.pool"
-
-    @property
-    def logits_name(self) -> str:
-        return "head.fc"
