@@ -267,9 +267,11 @@ def test_wrn_teacher_feature_is_the_next_blocks_batchnorm_of_stage_one():
         assert UniKD(student, teacher).teacher_tap.names == ["stages.1.0.relu1:input"]
 
 
-def test_teacher_without_a_whole_pre_relu_stage_map_must_name_its_layer():
-    with torch.device("meta"), pytest.raises(ConfigError, match=r"method\.options\.teacher_layer"):
-        UniKD(models.build("resnet8"), models.build("ShuffleV2"))
+def test_teacher_without_a_single_pre_relu_stage_map_gives_its_stage_output():
+    """ShuffleV2's ReLU sees half its map, a transformer has none: the stage output itself, as stage_preacts."""
+    with torch.device("meta"):
+        assert UniKD(models.build("resnet8"), models.build("ShuffleV2")).teacher_tap.names == ["stages.0"]
+        assert UniKD(models.build("resnet8"), models.build("vit_tiny")).teacher_tap.names == ["stages.0"]
 
 
 @pytest.mark.parametrize("kl", ["sampled", "closed_form"])

@@ -37,20 +37,25 @@ def build_models(cfg: RunConfig, data: DataSplits, with_teacher: bool = True
     if with_teacher:
         if cfg.teacher is None:
             raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.name and teacher.checkpoint")
-        if cfg.teacher.checkpoint is None:
-            raise ConfigError("teacher.checkpoint is not set: an untrained teacher teaches nothing "
-                              "(train one with method ce and point teacher.checkpoint at its run directory)")
-        teacher = models.build(cfg.teacher.name, num_classes=num_classes, in_channels=shape[0],
+        teacher = models.build(cfg.teacher.name, num_classes=num_classes, in_channels=shape[0], input_size=shape,
                                **cfg.teacher.kwargs)
         info["teacher"] = cfg.teacher.name
-        info["teacher_sha256"] = load_weights(teacher, cfg.teacher.checkpoint, "teacher")
-        if cfg.teacher.sha256 is not None and info["teacher_sha256"] != cfg.teacher.sha256:
-            raise CheckpointError(f"teacher weights {cfg.teacher.checkpoint}: SHA-256 {info['teacher_sha256']} "
+        preloaded = getattr(teacher, "weights_source", None)  # an hf: directory with its weights
+        if cfg.teacher.checkpoint is None and preloaded is None:
+            raise ConfigError("teacher.checkpoint is not set: an untrained teacher teaches nothing "
+                              "(train one with method ce and point teacher.checkpoint at its run directory)")
+        if cfg.teacher.checkpoint is None:
+            info["teacher_weights"] = str(preloaded)
+        else:
+            info["teacher_sha256"] = load_weights(teacher, cfg.teacher.checkpoint, "teacher")
+        if cfg.teacher.sha256 is not None and info.get("teacher_sha256") != cfg.teacher.sha256:
+            raise CheckpointError(f"teacher weights {cfg.teacher.checkpoint}: SHA-256 {info.get('teacher_sha256')} "
                                   f"is not the expected teacher.sha256 {cfg.teacher.sha256} (a changed or "
                                   "different file)")
-        check_teacher_weights(teacher, cfg.teacher.checkpoint)
+        check_teacher_weights(teacher, cfg.teacher.checkpoint or preloaded)
     torch.manual_seed(cfg.seed)
-    student = models.build(cfg.student.name, num_classes=num_classes, in_channels=shape[0], **cfg.student.kwargs)
+    student = models.build(cfg.student.name, num_classes=num_classes, in_channels=shape[0], input_size=shape,
+                           **cfg.student.kwargs)
     if cfg.student.checkpoint is not None:  # start from given weights instead of the seeded init
         info["student_init_sha256"] = load_weights(student, cfg.student.checkpoint, "student")
         if cfg.student.sha256 is not None and info["student_init_sha256"] != cfg.student.sha256:

@@ -119,11 +119,10 @@ class GaussianHead(nn.Module):
 
 def default_teacher_feature(info: FeatureInfo) -> str:
     """A teacher's stage-1 output before its final ReLU (the authors' `preact_feats[1]`): the input of the last
-    block's ReLU, or for pre-activation WRNs the next block's BN output (the roles' `next_preact`)."""
-    name = info.stages[0].next_preact
-    if name is None:
-        raise ConfigError("the teacher's first stage has no single pre-ReLU map: set method.options.teacher_layer")
-    return name
+    block's ReLU, or for pre-activation WRNs the next block's BN output (the roles' `next_preact`); the stage output
+    itself where no activation follows it (a transformer's, a linear bottleneck's)."""
+    stage = info.stages[0]
+    return stage.next_preact or stage.name
 
 
 def aff_levels(info: FeatureInfo) -> list[str]:
@@ -158,7 +157,8 @@ class UniKDOptions(MethodOptions):
     fuse_with: Literal["previous", "deepest"] = Field(
         "previous", description="what each gate mixes in: the level above, or the deepest level (author bug)")
     abf_act: Literal["relu", "bn"] = Field("relu", description="after each AFF conv: ReLU (author) or BN (ReviewKD)")
-    prune_unused: bool = Field(False, description="do not build the deeper levels' unused 3x3 projections")
+    prune_unused: bool = Field(False, description="do not build the deeper levels' unused 3x3 projections (never "
+                               "built when student and teacher have different numbers of levels)")
     student_layers: list[str] | None = Field(
         None, description="tap names of the fused levels, shallowest first; default: stage outputs + pooled")
     teacher_layer: str | None = Field(None, description="tap name of the teacher feature; default: stage-1 pre-ReLU")
@@ -181,6 +181,7 @@ class UniKD(Method):
         s_names = o.student_layers or aff_levels(roles(student, "student_layers"))
         t_name = o.teacher_layer or default_teacher_feature(roles(teacher, "teacher_layer"))
         t_levels = [] if o.prune_unused else self._teacher_levels(teacher, len(s_names))
+        prune = o.prune_unused or not t_levels
         s_shapes = self.shapes(student, [*s_names, ""])  # "" taps the whole model: its logits
         first = [] if o.teacher_layer else [roles(teacher).stages[0].name]
         t_shapes = self.shapes(teacher, [t_name, *t_levels, *first])
@@ -190,7 +191,7 @@ class UniKD(Method):
         if first and t_shape != t_shapes[first[0]]:  # e.g. ShuffleV2: its ReLU sees half the map
             raise ConfigError(f"{type(teacher).__name__}'s stage-1 output has no single pre-ReLU map "
                               f"({t_name} is {t_shape}): set method.options.teacher_layer")
-        deeper = [None] * (len(s_names) - 1) if o.prune_unused else [t_shapes[n][0] for n in t_levels]
+        deeper = [None] * (len(s_names) - 1) if prune else [t_shapes[n][0] for n in t_levels]
         self.aff = AdaptiveFeatureFusion([s_shapes[n][0] for n in s_names], [t_shape[0], *deeper], t_shape[1:],
                                          o.fuse_with, o.abf_act)
         self.fdp_student = GaussianHead(t_shape[0], s_shapes[""][0])
@@ -201,12 +202,11 @@ class UniKD(Method):
 
     @staticmethod
     def _teacher_levels(teacher: nn.Module, levels: int) -> list[str]:
-        """The teacher's stages 2.. then pooled feature: they size the deeper levels' (unused) projections."""
-        names = aff_levels(roles(teacher, "teacher_layer"))[1:]
-        if len(names) != levels - 1:
-            raise ConfigError(f"the student has {levels} AFF levels but the teacher {len(names) + 1}: "
-                              "set method.options.prune_unused=true")
-        return names
+        """The teacher's stages 2.. then pooled feature: they size the deeper levels' (unused) projections; none
+        when the teacher has another number of levels than the student (or no roles)."""
+        info = getattr(teacher, "feature_info", None)
+        names = aff_levels(info)[1:] if isinstance(info, FeatureInfo) else []
+        return names if len(names) == levels - 1 else []
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, strong: torch.Tensor | None = None):
         o = self.opts

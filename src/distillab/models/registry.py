@@ -1,4 +1,5 @@
-"""Build zoo models by name: `build("resnet8x4", num_classes=100, in_channels=3)`."""
+"""Build models by name: `build("resnet8x4", num_classes=100, in_channels=3)`; `hf:`, `timm:`, `torchvision:` and
+`module:` names build outside models (`distillab.models.outside`)."""
 
 from __future__ import annotations
 
@@ -32,13 +33,20 @@ def available() -> list[str]:
     return sorted(_MODELS)
 
 
-def build(name: str, num_classes: int = 100, in_channels: int = 3, **kwargs) -> nn.Module:
-    """Instantiate the zoo model `name`; unknown names get the closest valid suggestion."""
+def build(name: str, num_classes: int = 100, in_channels: int = 3, *,
+          input_size: tuple[int, int, int] | None = None, **kwargs) -> nn.Module:
+    """Instantiate the zoo model `name` (or an outside model, built and probed for `input_size`, default
+    in_channels x 32 x 32); unknown names get the closest valid suggestion."""
+    from distillab.models import outside
+
+    if outside.is_outside(name):
+        return outside.build(name, num_classes, in_channels, input_size, **kwargs)
     _load_zoo()
     if name not in _MODELS:
         close = difflib.get_close_matches(name, _MODELS, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UnknownNameError(f"unknown model {name!r}{hint} (see `distillab models`)")
+        raise UnknownNameError(f"unknown model {name!r}{hint} (see `distillab models`, or name an outside model "
+                               f"as {', '.join(p + ':...' for p in outside.PREFIXES)})")
     try:
         return _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as exc:

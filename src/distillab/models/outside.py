@@ -1,0 +1,328 @@
+"""Models from outside the zoo, adapted to its contract: a forward that returns logits, and feature roles.
+
+`student.name` / `teacher.name` (and `models.build`) take, besides a zoo name:
+
+    hf:<model_type>            a transformers `AutoModelForImageClassification` built from a config: `kwargs` are
+                               the config's fields (`hf:vit` with `{hidden_size: 192, ...}`); no download
+    hf:<directory>             a `save_pretrained` directory: its config.json, and its weights when it holds any
+    timm:<name>                `timm.create_model(name, pretrained=False, **kwargs)`, roles from its `feature_info`
+    torchvision:<name>         `torchvision.models.get_model(name, weights=None, **kwargs)`; roles for the ResNet layout
+    module:<pkg.mod>:<factory> `factory(**kwargs)` from any importable module
+
+The number of classes and input channels come from the data. A model whose forward returns a `ModelOutput`, a
+dict or a tuple is wrapped so that it returns the logits; its modules then sit under `model.`. Hugging Face models
+get their roles from `output_hidden_states`: token features (B x N x C) become maps (B x C x H x W) with the
+class/register tokens dropped; the hidden states are grouped into stages by resolution (a plain ViT, one
+resolution, into up to four groups of equal depth). These packages are optional: a missing one is named.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distillab.errors import ConfigError
+from distillab.roles import FeatureInfo, StageInfo
+
+PREFIXES = ("hf", "timm", "torchvision", "module")
+MAX_TOKEN_STAGES = 4
+
+
+def is_outside(name: str) -> bool:
+    """Whether `name` is a `prefix:...` spec of an outside model rather than a zoo name."""
+    return name.partition(":")[0] in PREFIXES and ":" in name
+
+
+def build(name: str, num_classes: int, in_channels: int, input_size: tuple[int, int, int] | None,
+          **kwargs: Any) -> nn.Module:
+    """The outside model `name` (see the module docstring), returning logits, with `feature_info` where known."""
+    prefix, _, target = name.partition(":")
+    if not target:
+        raise ConfigError(f"model {name!r}: nothing after {prefix + ':'!r}")
+    size = input_size or (in_channels, 32, 32)
+    if prefix == "hf":
+        return _build_hf(target, num_classes, in_channels, size, kwargs)
+    if prefix == "timm":
+        timm = _optional("timm", name)
+        model = timm.create_model(target, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
+        return _with_roles(model, timm_roles(model, num_classes), size, wrap=True)  # keep timm's own feature_info
+    if prefix == "torchvision":
+        tv_models = _optional("torchvision.models", name)
+        if in_channels != 3:
+            raise ConfigError(f"model {name!r}: torchvision models take 3 input channels, the data has {in_channels}")
+        model = tv_models.get_model(target, weights=None, num_classes=num_classes, **kwargs)
+        return _with_roles(model, torchvision_roles(model), size)
+    return _build_from_module(name, target, num_classes, in_channels, size, kwargs)
+
+
+def _optional(package: str, name: str):
+    try:
+        return importlib.import_module(package)
+    except ImportError as exc:
+        raise ConfigError(f"model {name!r} needs the {package.split('.')[0]} package, which cannot be imported "
+                          f"here ({exc})") from None
+
+
+# -- Hugging Face ------------------------------------------------------------------------------------------------
+def _build_hf(target: str, num_classes: int, in_channels: int, size: tuple[int, int, int],
+              kwargs: dict[str, Any]) -> nn.Module:
+    transformers = _optional("transformers", f"hf:{target}")
+    auto = transformers.AutoModelForImageClassification
+    directory = Path(target)
+    fields = {"num_labels": num_classes, "num_channels": in_channels, **kwargs}
+    if directory.is_dir():
+        if not (directory / "config.json").is_file():
+            raise ConfigError(f"model hf:{target}: the directory holds no config.json")
+        weights = any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
+        config = transformers.AutoConfig.from_pretrained(directory, **fields)
+        _default_image_size(config, kwargs, size)
+        model = (auto.from_pretrained(directory, config=config, ignore_mismatched_sizes=True) if weights
+                 else auto.from_config(config))
+        adapted = HFClassifier(model, size)
+        adapted.weights_source = directory if weights else None
+        return adapted
+    try:
+        config = transformers.AutoConfig.for_model(target, **fields)
+    except ValueError as exc:
+        raise ConfigError(f"model hf:{target}: {target!r} is neither a directory nor a transformers model type "
+                          f"({str(exc).splitlines()[0]})") from None
+    _default_image_size(config, kwargs, size)
+    try:
+        model = auto.from_config(config)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model hf:{target}: transformers has no image classifier for it ({exc})") from None
+    return HFClassifier(model, size)
+
+
+def _default_image_size(config, kwargs: dict[str, Any], size: tuple[int, int, int]) -> None:
+    """Models with a fixed input size (ViT's position table) are built for the data's, unless kwargs set one."""
+    if hasattr(config, "image_size") and "image_size" not in kwargs:
+        config.image_size = size[1]
+
+
+class HFClassifier(nn.Module):
+    """A transformers image classifier returning logits, with feature roles from its hidden states.
+
+    Every hidden state (as a map) passes through `hidden.<j>` (an identity), the tap names of the roles: j = 0 is
+    the embedding output, j >= 1 the blocks/stages. The pooled vector is the input of the classifier layer.
+    """
+
+    weights_source: Path | None = None  # a directory whose weights were loaded at build
+
+    def __init__(self, model: nn.Module, input_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.model = model
+        config = model.config
+        self.patch = _pair(getattr(config, "patch_size", None))
+        self.input_size = tuple(input_size)
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            try:
+                out = model(pixel_values=torch.zeros(1, *input_size), output_hidden_states=True)
+            finally:
+                model.train(was_training)
+            states = self._states(out)
+            shapes = [tuple(h.shape[1:]) for h in self._maps(out, input_size[1:])]
+        self.hidden = nn.ModuleList(nn.Identity() for _ in shapes)
+        self._info = self._roles(shapes, config.num_labels, native_maps=states[-1].dim() == 4)
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        return self._info
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        for tap, h in zip(self.hidden, self._maps(out, x.shape[-2:]), strict=True):
+            tap(h)
+        return out.logits
+
+    def _states(self, out) -> tuple[torch.Tensor, ...]:
+        states = getattr(out, "reshaped_hidden_states", None) or out.hidden_states
+        if not states:
+            raise ConfigError(f"{type(self.model).__name__} returns no hidden states: no feature roles")
+        return states
+
+    def _maps(self, out, size) -> list[torch.Tensor]:
+        """The hidden states as B x C x H x W maps."""
+        return [h if h.dim() == 4 else self._tokens_to_map(h, size) for h in self._states(out)]
+
+    def _tokens_to_map(self, tokens: torch.Tensor, size) -> torch.Tensor:
+        if self.patch is None:
+            raise ConfigError(f"{type(self.model).__name__}: token features without a config.patch_size, so their "
+                              "grid is unknown")
+        grid_h, grid_w = size[0] // self.patch[0], size[1] // self.patch[1]
+        prefix = tokens.shape[1] - grid_h * grid_w  # class, distillation or register tokens come first
+        if prefix < 0:
+            raise ConfigError(f"{type(self.model).__name__}: {tokens.shape[1]} tokens for a {grid_h}x{grid_w} grid")
+        return tokens[:, prefix:].transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid_h, grid_w)
+
+    def _roles(self, shapes: list[tuple[int, ...]], num_labels: int, native_maps: bool) -> FeatureInfo:
+        blocks = list(range(1, len(shapes)))
+        groups: list[list[int]] = []
+        for j in blocks:
+            if groups and shapes[groups[-1][-1]] == shapes[j]:
+                groups[-1].append(j)
+            else:
+                groups.append([j])
+        if len(groups) == 1:  # one resolution (a plain ViT): equal groups of consecutive blocks
+            count = min(MAX_TOKEN_STAGES, len(blocks))
+            groups = [blocks[i * len(blocks) // count:(i + 1) * len(blocks) // count] for i in range(count)]
+        side = self.input_size[1]
+        stages = tuple(
+            StageInfo(name=f"hidden.{g[-1]}", channels=shapes[g[-1]][0], reduction=_reduction(side, shapes[g[-1]][1]),
+                      blocks=tuple(f"hidden.{j}" for j in g), block_preacts=(None,) * len(g), preact=None,
+                      next_preact=None)
+            for g in groups)
+        classifier = [n for n, m in self.model.named_modules() if isinstance(m, nn.Linear)
+                      and m.out_features == num_labels]
+        if not classifier:
+            raise ConfigError(f"{type(self.model).__name__}: no Linear layer gives the {num_labels} logits")
+        linear = self.model.get_submodule(classifier[-1])
+        # a CNN (its hidden states are maps): RDR's default site is its last conv; a transformer has none
+        convs = [n for n, m in self.model.named_modules() if isinstance(m, nn.Conv2d)] if native_maps else []
+        return FeatureInfo(stages=stages, prepool=stages[-1].name, prepool_preact=None,
+                           pooled=f"model.{classifier[-1]}:input", channels=linear.in_features,
+                           last_conv=f"model.{convs[-1]}" if convs else None)
+
+
+def _reduction(side: int, out_side: int) -> int:
+    """The designed reduction: the power of two nearest side / out_side (a 28-px input gives 7, 4, 2, 1 maps
+    for reductions 4, 8, 16, 32)."""
+    return 2 ** max(0, round(math.log2(side / out_side)))
+
+
+def _pair(value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+# -- timm, torchvision, import paths -----------------------------------------------------------------------------
+class LogitsOf(nn.Module):
+    """Wraps a model whose forward returns a ModelOutput, dict or tuple, so that it returns the logits tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits_of(self.model(x))
+
+
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, `.logits` / `["logits"]`, or a tuple's first entry."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise ConfigError(f"the model's forward returns a {type(out).__name__} without logits")
+
+
+def _with_roles(model: nn.Module, info: FeatureInfo | None, size: tuple[int, int, int],
+                wrap: bool = False) -> nn.Module:
+    """`model`, wrapped by LogitsOf when its output is not a tensor (or `wrap`), carrying `info` as its
+    `feature_info`."""
+    adapted = model if _returns_tensor(model, size) and not wrap else LogitsOf(model)
+    if info is not None:
+        if adapted is not model:
+            info = _under(info, "model.")
+        object.__setattr__(adapted, "feature_info", info)
+    return adapted
+
+
+def _returns_tensor(model: nn.Module, size: tuple[int, int, int]) -> bool:
+    param = next(model.parameters(), None)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, *size, dtype=param.dtype if param is not None else None))
+    finally:
+        model.train(was_training)
+    logits_of(out)  # refuse an output without logits now, not in the first training step
+    return isinstance(out, torch.Tensor)
+
+
+def _under(info: FeatureInfo, prefix: str) -> FeatureInfo:
+    def name(n: str | None) -> str | None:
+        return None if n is None else prefix + n
+
+    stages = tuple(StageInfo(name(s.name), s.channels, s.reduction, tuple(prefix + b for b in s.blocks),
+                             tuple(map(name, s.block_preacts)), name(s.preact), name(s.next_preact))
+                   for s in info.stages)
+    return FeatureInfo(stages, name(info.prepool), name(info.prepool_preact), name(info.pooled), info.channels,
+                       name(info.last_conv))
+
+
+def timm_roles(model: nn.Module, num_classes: int) -> FeatureInfo | None:
+    """Roles from a timm model's `feature_info` (a list of {module, num_chs, reduction}); None without one."""
+    entries = getattr(model, "feature_info", None)
+    if not entries:
+        return None
+    entries = [dict(e) for e in entries]
+    stages = tuple(StageInfo(e["module"], int(e["num_chs"]), int(e["reduction"]), (e["module"],), (None,), None, None)
+                   for e in entries)
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    path = next((n for n, m in model.named_modules() if m is classifier), None)
+    if path is None or not isinstance(classifier, nn.Linear) or classifier.out_features != num_classes:
+        return None
+    return FeatureInfo(stages, stages[-1].name, None, f"{path}:input", classifier.in_features, None)
+
+
+def torchvision_roles(model: nn.Module) -> FeatureInfo | None:
+    """Roles for torchvision's ResNet layout (`layer1`..`layer4`, `fc`); None for other families."""
+    names = [f"layer{i}" for i in range(1, 5)]
+    if not all(hasattr(model, n) for n in names) or not isinstance(getattr(model, "fc", None), nn.Linear):
+        return None
+    stages = []
+    for i, n in enumerate(names):
+        layer = getattr(model, n)
+        last = layer[-1]
+        convs = [c for c, m in last.named_children() if isinstance(m, nn.Conv2d)]
+        channels = getattr(last, convs[-1]).out_channels
+        blocks = tuple(f"{n}.{j}" for j in range(len(layer)))
+        stages.append(StageInfo(n, channels, 4 * 2 ** i, blocks, (None,) * len(blocks), None, None))
+    return FeatureInfo(tuple(stages), "layer4", None, "fc:input", model.fc.in_features, None)
+
+
+def _build_from_module(name: str, target: str, num_classes: int, in_channels: int, size: tuple[int, int, int],
+                       kwargs: dict[str, Any]) -> nn.Module:
+    path, _, attr = target.rpartition(":")
+    if not path or not attr:
+        raise ConfigError(f"model {name!r}: write module:<package.module>:<factory>")
+    try:
+        factory: Callable[..., nn.Module] = getattr(importlib.import_module(path), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"model {name!r}: cannot import {attr!r} from {path!r} ({exc})") from None
+    accepted = _parameters(factory)
+    given = dict(kwargs)
+    for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if key in accepted and key not in given:
+            given[key] = value
+    model = factory(**given)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model {name!r}: the factory returned a {type(model).__name__}, not an nn.Module")
+    info = getattr(model, "feature_info", None)
+    return _with_roles(model, info if isinstance(info, FeatureInfo) else None, size)
+
+
+def _parameters(factory: Callable) -> set[str]:
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return {"num_classes", "in_channels"}
+    return {p.name for p in parameters}
