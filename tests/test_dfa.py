@@ -23,7 +23,7 @@ from distillab.engine.trainer import Trainer
 from distillab.errors import ConfigError
 from distillab.features import FeatureTap
 from distillab.methods.base import validate_options
-from distillab.methods.dfa import DFA, aggregate, block_outputs
+from distillab.methods.dfa import DFA, aggregate
 from distillab.methods.dfa_search import split_halves, unit_distance
 from distillab.roles import roles
 
@@ -126,14 +126,15 @@ def test_last_mode_is_plain_feature_distillation_exactly():
     assert torch.equal(logits.detach(), expected_logits)
 
 
-def test_block_helpers_agree_with_forward_from():
+def test_stage_taps_agree_with_forward_from():
+    """The search reads the student's map at a group's end by its stage tap and continues it by forward_from."""
     _, student = nets()
     student.eval()
     x, _ = batch(4)
-    with torch.no_grad():
+    with torch.no_grad(), FeatureTap(student, roles(student).stage_names) as tap:
         full = student(x)
-        for i in range(len(student.stages)):
-            assert torch.allclose(student.forward_from(i + 1, block_outputs(student, x, i)[1]), full, atol=1e-6)
+        for i, stage_map in enumerate(tap.values()):
+            assert torch.allclose(student.forward_from(i + 1, stage_map), full, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ bridge loss

@@ -232,3 +232,13 @@ def test_a_saved_outside_student_loads_back(tmp_path):
     x = torch.randn(2, *SHAPE)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), model(x))
+
+
+def test_dfa_pairs_hf_models_by_their_roles_and_its_search_names_what_it_lacks():
+    teacher, student = hf("resnet"), hf("resnet", hidden_sizes=[8, 16, 32, 32])
+    method = methods.build("dfa", copy.deepcopy(student), teacher, input_shape=SHAPE, mode="last", gamma_fd=1.0)
+    assert method.groups.names == [["hidden.1"], ["hidden.2"], ["hidden.3"], ["hidden.4"]]
+    _, terms = method(torch.randn(4, *SHAPE), torch.randint(0, 10, (4,)))
+    assert set(terms) == {"ce", "fd"} and terms["fd"] > 0
+    with pytest.raises(ConfigError, match=r"forward_from.*method\.options\.mode"):
+        methods.build("dfa_search", student, teacher, input_shape=SHAPE)

@@ -393,6 +393,19 @@ def test_logit_kd_and_target_guided_terms():
     assert terms["tg"].item() == pytest.approx(0.3 * (ce[0] + ce[1]).item() / 2, rel=1e-4)
 
 
+@pytest.mark.parametrize(("student", "where"), [("resnet8", None), ("MobileNetV2", None),
+                                              ("MobileNetV2", "stages.3.3.conv3")])
+def test_target_guided_logits_of_the_whole_feature_are_the_students_logits(student, where):
+    """The head's rest is found by role: the pre-pool layers (when the site is the last block), the pooling, the
+    classifier; continued from the full feature it gives the student's own logits."""
+    method = rdr(student, K=2, target_guided=True, **({"where": where} if where else {})).eval()
+    x, _ = batch(3)
+    with torch.no_grad():
+        logits = method.student(x)
+        *_, feature = method.student_tap.take()
+        assert torch.allclose(method.logits_from_feature(feature), logits, atol=1e-5)
+
+
 # ---- §8.10: invalid configurations ----------------------------------------------------------------
 @pytest.mark.parametrize(
     ("student", "options", "message"),

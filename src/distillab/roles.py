@@ -43,6 +43,7 @@ class FeatureInfo:
     pooled: str  # tap name of the pooled vector (B x channels)
     channels: int  # channels of the pre-pool map and of the pooled vector
     last_conv: str | None  # module path of the last conv before global pooling (where RDR branches go)
+    classifier: str | None = None  # module path of the Linear that maps the pooled vector to the logits
 
     @property
     def stage_names(self) -> list[str]:

@@ -25,8 +25,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from distillab.errors import ConfigError
+from distillab.features import FeatureTap, feature_shapes
 from distillab.methods.base import Method, MethodOptions, Stage, register
-from distillab.models.staged import StagedNet
 from distillab.roles import roles
 
 AGGREGATION_FILE = "aggregation.json"
@@ -82,53 +82,29 @@ class DFAOptions(MethodOptions):
 class Groups:
     """The groups shared by a teacher and a student: per stage, the teacher's candidate blocks and both widths."""
 
-    candidates: list[list[int]]  # indices of the teacher blocks whose output has the stage output's shape
+    names: list[list[str]]  # per stage, tap names of the teacher blocks whose output has the stage output's shape
     teacher_channels: list[int]
     student_channels: list[int]
+    student_stages: list[str]  # tap names of the student's stage outputs
 
     @property
     def sizes(self) -> list[int]:
-        return [len(c) for c in self.candidates]
-
-    @property
-    def names(self) -> list[list[str]]:
-        return [[f"stages.{i}.{j}" for j in blocks] for i, blocks in enumerate(self.candidates)]
-
-
-def block_outputs(net: StagedNet, x: torch.Tensor, last_stage: int) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
-    """The output of every block of stages 0..last_stage, per stage, and the output of stage `last_stage`."""
-    h, outputs = net.stem(x), []
-    for stage in net.stages[: last_stage + 1]:
-        maps = []
-        for block in stage:
-            h = block(h)
-            maps.append(h)
-        outputs.append(maps)
-    return outputs, h
+        return [len(n) for n in self.names]
 
 
 def match_groups(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, int, int]) -> Groups:
-    """Pair the stages of two zoo models; they must have as many stages, at the same resolutions."""
-    for role, net in (("teacher", teacher), ("student", student)):
-        if not isinstance(net, StagedNet):
-            raise ConfigError(f"dfa needs zoo models (StagedNet): the {role} {type(net).__name__} is not one")
-    param = next(teacher.parameters())
-    x = torch.zeros(2, *input_shape, dtype=param.dtype, device=param.device)
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        with torch.no_grad():
-            maps, _ = block_outputs(teacher, x, len(teacher.stages) - 1)
-    finally:
-        teacher.train(was_training)
-    t_shapes = [tuple(stage[-1].shape[1:]) for stage in maps]
-    s_shapes = student.stage_shapes(input_shape)
-    if [s[1:] for s in t_shapes] != [s[1:] for s in s_shapes]:
+    """Pair the stages of two models by their feature roles; they must have as many stages, at the same
+    resolutions. The candidates of a group are the teacher's blocks of that stage shaped like its output."""
+    t_info, s_info = roles(teacher, "teacher_layers"), roles(student, "student_layers")
+    blocks = [list(stage.blocks) for stage in t_info.stages]
+    t_shapes = feature_shapes(teacher, [b for stage in blocks for b in stage], input_shape)
+    s_shapes = list(feature_shapes(student, s_info.stage_names, input_shape).values())
+    stage_shapes = [t_shapes[stage[-1]] for stage in blocks]
+    if [s[1:] for s in stage_shapes] != [s[1:] for s in s_shapes]:
         raise ConfigError(f"dfa pairs teacher and student stage by stage: their stage outputs must have the same "
-                          f"resolutions, got teacher {t_shapes} and student {s_shapes}")
-    candidates = [[j for j, m in enumerate(stage) if tuple(m.shape[1:]) == shape]
-                  for stage, shape in zip(maps, t_shapes, strict=True)]
-    return Groups(candidates, [s[0] for s in t_shapes], [s[0] for s in s_shapes])
+                          f"resolutions, got teacher {stage_shapes} and student {s_shapes}")
+    names = [[b for b in stage if t_shapes[b] == shape] for stage, shape in zip(blocks, stage_shapes, strict=True)]
+    return Groups(names, [s[0] for s in stage_shapes], [s[0] for s in s_shapes], s_info.stage_names)
 
 
 def aggregate(maps: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -139,11 +115,12 @@ def aggregate(maps: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def teacher_groups(teacher: StagedNet, groups: Groups, x: torch.Tensor, last_group: int) -> list[list[torch.Tensor]]:
-    """The candidate maps T_i^j of groups 0..last_group, without autograd."""
+def teacher_groups(teacher: nn.Module, tap: FeatureTap, groups: Groups, x: torch.Tensor) -> list[list[torch.Tensor]]:
+    """The candidate maps T_i^j of every group, without autograd (`tap` holds the candidates' names)."""
     with torch.no_grad():
-        maps, _ = block_outputs(teacher, x, last_group)
-    return [[stage[j] for j in blocks] for stage, blocks in zip(maps, groups.candidates, strict=False)]
+        teacher(x)
+    maps = dict(zip(tap.names, tap.take(), strict=True))
+    return [[maps[n] for n in names] for names in groups.names]
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -201,7 +178,8 @@ class DFA(Method):
             self.register_buffer(f"alpha_{i}", weights)
         self.connectors = nn.ModuleList(feature_connector(cs, ct) for cs, ct in
                                         zip(self.groups.student_channels, self.groups.teacher_channels, strict=True))
-        self.student_tap = self.tap(student, roles(student).stage_names)
+        self.student_tap = self.tap(student, self.groups.student_stages)
+        self.teacher_tap = self.tap(teacher, [n for names in self.groups.names for n in names])
 
     @classmethod
     def stages(cls, options: DFAOptions) -> list[Stage]:
@@ -221,7 +199,7 @@ class DFA(Method):
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)
         student_maps = self.student_tap.take()
-        teacher_maps = teacher_groups(self.teacher, self.groups, images, len(self.groups.sizes) - 1)
+        teacher_maps = teacher_groups(self.teacher, self.teacher_tap, self.groups, images)
         fd = sum(F.mse_loss(connector(s).float(), aggregate(t, alpha).float())
                  for connector, s, t, alpha in zip(self.connectors, student_maps, teacher_maps, self.alphas,
                                                    strict=True))

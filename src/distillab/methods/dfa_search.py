@@ -27,8 +27,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from distillab.errors import ConfigError
 from distillab.methods.base import Method, register
-from distillab.methods.dfa import DFASearchOptions, aggregate, block_outputs, match_groups, teacher_groups
+from distillab.methods.dfa import DFASearchOptions, aggregate, match_groups, teacher_groups
 
 
 def split_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +64,12 @@ class DFASearch(Method):
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
         self.groups = match_groups(teacher, student, self.input_shape)
+        if not callable(getattr(student, "forward_from", None)):
+            raise ConfigError(f"dfa's search continues the student from a bridged teacher map at each stage "
+                              f"(`forward_from(stage, map)`, which zoo models have): {type(student).__name__} has "
+                              "none. Set method.options.mode to last, average or random, or give searched weights")
+        self.student_tap = self.tap(student, self.groups.student_stages)
+        self.teacher_tap = self.tap(teacher, [n for names in self.groups.names for n in names])
         # beta is trained by the method's own Adam on the beta-step: kept out of the Trainer's optimizer
         self.betas = nn.ParameterList(nn.Parameter(torch.zeros(n), requires_grad=False) for n in self.groups.sizes)
         pairs = list(zip(self.groups.teacher_channels, self.groups.student_channels, strict=True))
@@ -99,12 +106,15 @@ class DFASearch(Method):
     def bridge_terms(self, group: int, images: torch.Tensor, labels: torch.Tensor, beta: torch.Tensor
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Eq. 12 for group i at architecture parameters `beta`, weighted: ts = gamma_ts * L_TS (Eq. 10),
-        st = gamma_st * L_ST (Eq. 11); and the student's map at the group's end."""
-        target = aggregate(teacher_groups(self.teacher, self.groups, images, group)[group], beta.softmax(0))
+        st = gamma_st * L_ST (Eq. 11); and the student's own logits (the forward that gives its map at the group's
+        end: each BN sees the bridged teacher map, then the images, as when the map is continued by hand)."""
+        target = aggregate(teacher_groups(self.teacher, self.teacher_tap, self.groups, images)[group],
+                           beta.softmax(0))
         ts_logits = self.student.forward_from(group + 1, self.ts[group](target))
-        _, student_map = block_outputs(self.student, images, group)
+        logits = self.student(images)
+        student_map = self.student_tap.take()[group]
         return {"ts": self.opts.gamma_ts * F.cross_entropy(ts_logits, labels),
-                "st": self.opts.gamma_st * unit_distance(self.st[group](student_map), target)}, student_map
+                "st": self.opts.gamma_st * unit_distance(self.st[group](student_map), target)}, logits
 
     def beta_step(self, group: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One Adam step on beta_i with the bridge loss + lambda ||beta_i||^2 at the current w (first order); the
@@ -134,9 +144,7 @@ class DFASearch(Method):
             self.start_group(group)
         if self.training:
             self.beta_step(group, images_beta, labels_beta)
-        terms, student_map = self.bridge_terms(group, images, labels, self.betas[group].detach())
-        with contextlib.nullcontext() if self.opts.add_student_ce else torch.no_grad():  # no_grad: for accuracy only
-            logits = self.student.forward_from(group + 1, student_map)
+        terms, logits = self.bridge_terms(group, images, labels, self.betas[group].detach())
         if self.opts.add_student_ce:
             terms["ce"] = F.cross_entropy(logits, labels)
         return logits, terms

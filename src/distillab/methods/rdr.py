@@ -290,7 +290,9 @@ class RDR(Method):
         opts = self.opts
         info = roles(student, "where") if opts.where is None or opts.target_guided else None
         self.site = locate(student, opts.where or default_conv(info))
-        self._prepool = info.prepool if info else None
+        self._prepool, self._classifier = (info.prepool, info.classifier) if info else (None, None)
+        if opts.target_guided and self._classifier is None:
+            raise ConfigError("method.options.target_guided needs the student's classifier layer (feature roles)")
         if opts.target_guided and self.site.block not in (info.prepool, info.stages[-1].blocks[-1]):
             raise ConfigError("method.options.target_guided needs the replaced layer in the student's last block or "
                               "in the module before its global pooling")
@@ -357,11 +359,13 @@ class RDR(Method):
         return list(self.bridge(torch.cat(features)).split(features[0].shape[0]))
 
     def logits_from_feature(self, feature: torch.Tensor) -> torch.Tensor:
-        """The student's logits continued from a feature f: its block's activation, then the head's rest."""
+        """The student's logits continued from a feature f: its block's activation, the layers up to the pre-pool
+        map (when f is the last block's), global average pooling, the classifier (all by role)."""
         block = self.student.get_submodule(self.site.block)
         act = block.relu(feature) if self.site.feature.endswith(":input") else feature
-        head = self.student.head
-        return head.fc(head.pool(act)) if self.site.block == self._prepool else head(act)
+        if self.site.block != self._prepool:
+            act = self.student.get_submodule(self._prepool)(act)
+        return self.student.get_submodule(self._classifier)(act.mean(dim=(2, 3)))
 
     # -- deployment -------------------------------------------------------------------------------
     @property

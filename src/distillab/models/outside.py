@@ -190,7 +190,7 @@ class HFClassifier(nn.Module):
         convs = [n for n, m in self.model.named_modules() if isinstance(m, nn.Conv2d)] if native_maps else []
         return FeatureInfo(stages=stages, prepool=stages[-1].name, prepool_preact=None,
                            pooled=f"model.{classifier[-1]}:input", channels=linear.in_features,
-                           last_conv=f"model.{convs[-1]}" if convs else None)
+                           last_conv=f"model.{convs[-1]}" if convs else None, classifier=f"model.{classifier[-1]}")
 
 
 def _reduction(side: int, out_side: int) -> int:
@@ -263,7 +263,7 @@ def _under(info: FeatureInfo, prefix: str) -> FeatureInfo:
                              tuple(map(name, s.block_preacts)), name(s.preact), name(s.next_preact))
                    for s in info.stages)
     return FeatureInfo(stages, name(info.prepool), name(info.prepool_preact), name(info.pooled), info.channels,
-                       name(info.last_conv))
+                       name(info.last_conv), name(info.classifier))
 
 
 def timm_roles(model: nn.Module, num_classes: int) -> FeatureInfo | None:
@@ -278,7 +278,7 @@ def timm_roles(model: nn.Module, num_classes: int) -> FeatureInfo | None:
     path = next((n for n, m in model.named_modules() if m is classifier), None)
     if path is None or not isinstance(classifier, nn.Linear) or classifier.out_features != num_classes:
         return None
-    return FeatureInfo(stages, stages[-1].name, None, f"{path}:input", classifier.in_features, None)
+    return FeatureInfo(stages, stages[-1].name, None, f"{path}:input", classifier.in_features, None, path)
 
 
 def torchvision_roles(model: nn.Module) -> FeatureInfo | None:
@@ -294,7 +294,7 @@ def torchvision_roles(model: nn.Module) -> FeatureInfo | None:
         channels = getattr(last, convs[-1]).out_channels
         blocks = tuple(f"{n}.{j}" for j in range(len(layer)))
         stages.append(StageInfo(n, channels, 4 * 2 ** i, blocks, (None,) * len(blocks), None, None))
-    return FeatureInfo(tuple(stages), "layer4", None, "fc:input", model.fc.in_features, None)
+    return FeatureInfo(tuple(stages), "layer4", None, "fc:input", model.fc.in_features, None, "fc")
 
 
 def _build_from_module(name: str, target: str, num_classes: int, in_channels: int, size: tuple[int, int, int],

@@ -71,7 +71,8 @@ class StagedNet(nn.Module):
             stages=tuple(stages), prepool="head.pre",
             prepool_preact="head.pre.relu:input" if pre_convs and pre_relu else stages[-1].preact,
             pooled="head.pool", channels=self.head.fc.in_features,
-            last_conv=f"head.pre.{pre_convs[-1]}" if pre_convs else self._last_block_conv(stages[-1].blocks[-1]))
+            last_conv=f"head.pre.{pre_convs[-1]}" if pre_convs else self._last_block_conv(stages[-1].blocks[-1]),
+            classifier="head.fc")
 
     def next_preact(self, stage_index: int, preact: str | None) -> str | None:
         """The pre-activation the next layer computes from stage `stage_index`'s output (see StageInfo): its own
