@@ -19,13 +19,22 @@ from distillab.data.loader import DeviceLoader
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from distillab.errors import ConfigError
 from distillab.features import FeatureTap
-from distillab.methods.at import at_loss, attention_map
-from distillab.methods.crd import ContrastMemory, nce_loss, sample_contrast_indices
-from distillab.methods.dist import dist_loss, dist_terms, pearson_rows
-from distillab.methods.dkd import dkd_loss, dkd_terms, warmup_factor
-from distillab.methods.kd import kd_loss
+from distillab.losses import (
+    at_loss,
+    attention_map,
+    dist_loss,
+    dist_terms,
+    dkd_loss,
+    dkd_terms,
+    hcl_level,
+    kd_loss,
+    nce_loss,
+    pearson_rows,
+    warmup_factor,
+)
+from distillab.methods.crd import ContrastMemory, sample_contrast_indices
 from distillab.methods.pkt import pkt_loss
-from distillab.methods.reviewkd import gated_sum, hcl_level
+from distillab.methods.reviewkd import gated_sum
 from distillab.methods.rkd import rkd_terms
 from distillab.methods.sp import sp_loss
 from distillab.methods.vid import VIDRegressor

@@ -13,7 +13,7 @@ from scipy.stats import wasserstein_distance
 from distillab import methods, models
 from distillab.config import load_config
 from distillab.errors import ConfigError
-from distillab.methods.kd import kd_loss
+from distillab.losses import kd_loss
 from distillab.methods.kr import (
     deadzone_residual_loss,
     moments_prior,

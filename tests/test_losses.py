@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from distillab.methods.kd import kd_loss
+from distillab.losses import kd_loss
 
 
 def test_kd_loss_two_classes_temperature_one():

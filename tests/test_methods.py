@@ -6,8 +6,8 @@ import torch.nn.functional as F
 
 from distillab import methods, models
 from distillab.errors import ConfigError, UnknownNameError
+from distillab.losses import kd_loss
 from distillab.methods.fitnet import ConvReg
-from distillab.methods.kd import kd_loss
 
 
 @pytest.fixture

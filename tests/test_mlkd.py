@@ -11,7 +11,8 @@ from distillab import methods, models
 from distillab.cli import main
 from distillab.config import load_config
 from distillab.engine.checkpoint import save_safetensors
-from distillab.methods.mlkd import TEMPERATURES, at_most_median, mlkd_terms
+from distillab.losses import MLKD_TEMPERATURES as TEMPERATURES
+from distillab.losses import at_most_median, mlkd_terms
 
 
 def softmax(z, t):

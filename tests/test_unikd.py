@@ -11,11 +11,10 @@ import torch.nn.functional as F
 from distillab import methods, models
 from distillab.config import load_config
 from distillab.errors import ConfigError
+from distillab.losses import dkd_loss, gaussian_kl, kd_loss
 from distillab.methods import unikd
-from distillab.methods.dkd import dkd_loss
-from distillab.methods.kd import kd_loss
 from distillab.methods.reviewkd import gated_sum
-from distillab.methods.unikd import AdaptiveFeatureFusion, GaussianHead, UniKD, gaussian_kl
+from distillab.methods.unikd import AdaptiveFeatureFusion, GaussianHead, UniKD
 from distillab.run import train_run
 
 ROOT = Path(__file__).resolve().parents[1]

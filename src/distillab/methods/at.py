@@ -12,21 +12,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from distillab.losses import at_loss
 from distillab.methods.base import Method, MethodOptions, register
 from distillab.roles import roles
-
-
-def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """B x (H*W): the channel mean of F^p, flattened and L2-normalised per sample."""
-    return F.normalize(feature.float().pow(p).mean(dim=1).flatten(1), dim=1)
-
-
-def at_loss(f_s: torch.Tensor, f_t: torch.Tensor, p: float = 2.0) -> torch.Tensor:
-    """Mean squared difference of the attention maps, the larger map pooled to the smaller size."""
-    if f_s.shape[-2:] != f_t.shape[-2:]:
-        size = min(f_s.shape[-2:], f_t.shape[-2:], key=lambda hw: hw[0] * hw[1])
-        f_s, f_t = F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size)
-    return (attention_map(f_s, p) - attention_map(f_t, p)).pow(2).mean()
 
 
 class ATOptions(MethodOptions):

@@ -24,11 +24,9 @@ from pydantic import Field
 from torch import nn
 
 from distillab.errors import ConfigError
+from distillab.losses import kd_loss, nce_loss
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.kd import kd_loss
 from distillab.roles import roles
-
-_NCE_EPS = 1e-7
 
 
 class Embed(nn.Module):
@@ -53,16 +51,6 @@ def sample_contrast_indices(indices: torch.Tensor, labels: torch.Tensor, train_l
     if short.any():
         negatives[short] = torch.multinomial(allowed[short].float(), num_negatives, replacement=True)
     return torch.cat([indices[:, None], negatives], dim=1)
-
-
-def nce_loss(scores: torch.Tensor, num_data: int) -> torch.Tensor:
-    """NCE with noise P_n = 1/N on B x (1 + K) probabilities P (column 0 the positive):
-    -(1/B) * sum_b [log(P_pos / (P_pos + K P_n + eps)) + sum_neg log(K P_n / (P_neg + K P_n + eps))]."""
-    k = scores.shape[1] - 1
-    noise = k / num_data
-    positive = torch.log(scores[:, 0] / (scores[:, 0] + noise + _NCE_EPS))
-    negative = torch.log(noise / (scores[:, 1:] + noise + _NCE_EPS))
-    return -(positive.sum() + negative.sum()) / scores.shape[0]
 
 
 class ContrastMemory(nn.Module):

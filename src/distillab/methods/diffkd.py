@@ -24,9 +24,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from distillab.errors import ConfigError
+from distillab.losses import dist_loss, kd_loss, match_spatial
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.dist import dist_loss
-from distillab.methods.kd import kd_loss
 from distillab.roles import roles
 
 BranchKind = Literal["feature", "logits"]
@@ -121,12 +120,6 @@ def blend_with_noise(z: torch.Tensor, gamma: torch.Tensor, noise: torch.Tensor) 
     """γ·z + (1 − γ)·noise, γ per sample (larger γ, less noise)."""
     gamma = gamma.view(-1, *([1] * (z.dim() - 1))).to(z.dtype)
     return gamma * z + (1.0 - gamma) * noise
-
-
-def match_spatial(z_s: torch.Tensor, z_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive-average-pool the larger map (per axis) to the smaller one's height and width."""
-    size = (min(z_s.shape[-2], z_t.shape[-2]), min(z_s.shape[-1], z_t.shape[-1]))
-    return tuple(z if z.shape[-2:] == size else F.adaptive_avg_pool2d(z, size) for z in (z_s, z_t))
 
 
 class BranchOutput(NamedTuple):

@@ -13,33 +13,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from distillab.losses import dist_terms
 from distillab.methods.base import Method, MethodOptions, register
-
-_EPS = 1e-8
-
-
-def pearson_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row Pearson correlation of two B x C matrices."""
-    a = a - a.mean(dim=1, keepdim=True)
-    b = b - b.mean(dim=1, keepdim=True)
-    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + _EPS)
-
-
-def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
-               tau: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inter, intra), each already multiplied by tau^2."""
-    y_s = F.softmax(student_logits.float() / tau, dim=1)
-    y_t = F.softmax(teacher_logits.float() / tau, dim=1)
-    inter = 1 - pearson_rows(y_s, y_t).mean()
-    intra = 1 - pearson_rows(y_s.t(), y_t.t()).mean()
-    return tau**2 * inter, tau**2 * intra
-
-
-def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tau: float = 4.0,
-              beta: float = 1.0, gamma: float = 1.0) -> torch.Tensor:
-    """L_DIST = tau^2 * (beta * inter + gamma * intra)."""
-    inter, intra = dist_terms(student_logits, teacher_logits, tau)
-    return beta * inter + gamma * intra
 
 
 class DISTOptions(MethodOptions):

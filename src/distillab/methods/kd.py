@@ -10,14 +10,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from distillab.losses import kd_loss
 from distillab.methods.base import Method, MethodOptions, register
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T^2 * mean over the batch of KL(p_t || p_s), with p = softmax(logits / T)."""
-    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
 
 
 class KDOptions(MethodOptions):

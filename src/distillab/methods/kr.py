@@ -28,8 +28,8 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from distillab.errors import ConfigError
+from distillab.losses import kd_loss, match_spatial
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.kd import kd_loss
 from distillab.roles import StageInfo, roles
 
 
@@ -65,12 +65,6 @@ def sparse_gradient(grad: torch.Tensor, penalty: str, rho: float, tau_rel: float
         return grad * top_mask(grad.abs(), kept_count(rho, grad.numel()))
     tau = tau_rel * grad.pow(2).mean().sqrt()
     return grad.sign() * F.relu(grad.abs() - tau)
-
-
-def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adaptive-average-pool the larger map of the two down to the smaller size."""
-    size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
-    return tuple(x if tuple(x.shape[-2:]) == size else F.adaptive_avg_pool2d(x, size) for x in (a, b))
 
 
 # ------------------------------------------------------------------------------ weight-space prior

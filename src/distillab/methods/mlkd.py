@@ -23,47 +23,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from distillab.losses import mlkd_terms
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.kd import kd_loss
-
-TEMPERATURES = (4.0, 3.0, 5.0, 2.0, 6.0)
-
-
-def class_correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-                           ) -> torch.Tensor:
-    """||P_t^T P_t - P_s^T P_s||^2 / C, P = softmax(logits / T) (B x C)."""
-    p_s = F.softmax(student_logits.float() / temperature, dim=1)
-    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
-    return (p_t.T @ p_t - p_s.T @ p_s).pow(2).sum() / p_s.shape[1]
-
-
-def batch_correlation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-                           ) -> torch.Tensor:
-    """||P_t P_t^T - P_s P_s^T||^2 / B, P = softmax(logits / T) (B x C)."""
-    p_s = F.softmax(student_logits.float() / temperature, dim=1)
-    p_t = F.softmax(teacher_logits.float() / temperature, dim=1)
-    return (p_t @ p_t.T - p_s @ p_s.T).pow(2).sum() / p_s.shape[0]
-
-
-def at_most_median(values: torch.Tensor) -> torch.Tensor:
-    """The fraction of `values` at most their median (numpy's linear-interpolation percentile 50), on the device."""
-    return (values <= torch.quantile(values.float(), 0.5)).float().mean()
-
-
-def mlkd_terms(weak_s: torch.Tensor, weak_t: torch.Tensor, strong_s: torch.Tensor, strong_t: torch.Tensor,
-               temperatures: tuple[float, ...] = TEMPERATURES, quirk: bool = True) -> dict[str, torch.Tensor]:
-    """The unweighted kd (weak + strong), cc and bc terms of MLKD from the four logit tensors (B x C)."""
-    p_t = F.softmax(weak_t.detach().float(), dim=1)
-    sample_scale = at_most_median(p_t.max(dim=1).values)
-    class_scale = at_most_median(p_t.sum(dim=0))
-    kd_weak = sum(kd_loss(weak_s, weak_t, t) for t in temperatures)
-    kd_strong = sum(kd_loss(weak_s, weak_t, t) if quirk and t in (2.0, 6.0) else kd_loss(strong_s, strong_t, t)
-                    for t in temperatures)
-    return {
-        "kd": sample_scale * kd_weak + kd_strong,
-        "cc": class_scale * sum(class_correlation_loss(weak_s, weak_t, t) for t in temperatures),
-        "bc": sample_scale * sum(batch_correlation_loss(weak_s, weak_t, t) for t in temperatures),
-    }
 
 
 class MLKDOptions(MethodOptions):

@@ -33,8 +33,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from distillab.errors import ConfigError
 from distillab.features import FeatureTap
+from distillab.losses import kd_loss
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.kd import kd_loss
 from distillab.reparam import (
     RepBranches,
     branch_kernel_size,

@@ -21,27 +21,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from distillab.losses import hcl_loss, warmup_factor
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.dkd import warmup_factor
 from distillab.roles import FeatureInfo, roles
-
-_POOL_SIZES = (4, 2, 1)
-
-
-def hcl_level(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
-    """HCL of one level: weighted mean of the MSE at full size and at the pooled sizes smaller than the map."""
-    loss, weight, total = F.mse_loss(f_s, f_t), 1.0, 1.0
-    for size in _POOL_SIZES:
-        if size >= f_s.shape[2]:
-            continue
-        weight /= 2
-        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(f_s, size), F.adaptive_avg_pool2d(f_t, size))
-        total += weight
-    return loss / total
-
-
-def hcl_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
-    return sum(hcl_level(f_s.float(), f_t.float()) for f_s, f_t in zip(student, teacher, strict=True))
 
 
 def gated_sum(gate: nn.Conv2d, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:

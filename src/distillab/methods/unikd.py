@@ -25,24 +25,12 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from distillab.errors import ConfigError
+from distillab.losses import dkd_loss, gaussian_kl, kd_loss, mlkd_terms
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.dkd import dkd_loss
-from distillab.methods.kd import kd_loss
-from distillab.methods.mlkd import mlkd_terms
 from distillab.methods.reviewkd import gated_sum
 from distillab.roles import FeatureInfo, roles
 
 MAX_MID_CHANNELS = 512
-
-
-def gaussian_kl(
-    mean_p: torch.Tensor, log_var_p: torch.Tensor, mean_q: torch.Tensor, log_var_q: torch.Tensor
-) -> torch.Tensor:
-    """KL(N_p || N_q) between diagonal Gaussians given by (mean, log-variance), summed over the dimensions and
-    averaged over the batch."""
-    mean_p, log_var_p, mean_q, log_var_q = (t.float() for t in (mean_p, log_var_p, mean_q, log_var_q))
-    ratio = torch.exp(log_var_p - log_var_q) + (mean_p - mean_q) ** 2 * torch.exp(-log_var_q)
-    return 0.5 * (log_var_q - log_var_p + ratio - 1).sum(dim=1).mean()
 
 
 def _conv_act(in_channels: int, out_channels: int, kernel_size: int, act: str) -> nn.Sequential:
