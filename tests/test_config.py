@@ -94,3 +94,29 @@ def test_default_milestones_scale_with_the_run():
 def test_every_shipped_config_and_its_method_options_validate(path):
     cfg = load_config(path)  # method options included: checked against the method's Options model
     assert cfg.method.name
+
+
+@pytest.mark.parametrize(("method", "old", "new"), [("rdr", "beta", "rdr_weight"), ("rdr", "kd_T", "temperature"),
+                                                    ("dkd", "alpha", "tckd_weight"), ("dist", "tau", "temperature"),
+                                                    ("dfa", "gamma_fd", "fd_weight")])
+def test_renamed_options_keep_their_old_names_for_a_release(tmp_path, method, old, new):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"student: {{name: resnet8}}\nmethod: {{name: {method}, options: {{{old}: 3.0}}}}\n")
+    with pytest.warns(FutureWarning, match=f"method option {old} is deprecated: it is now {new}"):
+        cfg = load_config(path)
+    assert cfg.method.options == {new: 3.0}  # runs compare by today's names
+    path.write_text(f"student: {{name: resnet8}}\nmethod: {{name: {method}, options: {{{old}: 3.0, {new}: 2.0}}}}\n")
+    with pytest.raises(ConfigError, match=f"method.options.{old} is the old name of {new}: give {new} only"):
+        load_config(path)
+
+
+def test_a_run_saved_with_an_old_option_name_is_the_same_config(tmp_path):
+    from distillab.run import same_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text("student: {name: resnet8}\nmethod: {name: dkd, options: {beta: 2, warmup: 2}}\n")
+    new = tmp_path / "new.yaml"
+    new.write_text("student: {name: resnet8}\nmethod: {name: dkd, options: {nckd_weight: 2.0, warmup: 2}}\n")
+    assert same_config(saved, load_config(new))
+    new.write_text("student: {name: resnet8}\nmethod: {name: dkd, options: {nckd_weight: 6.0, warmup: 2}}\n")
+    assert not same_config(saved, load_config(new))

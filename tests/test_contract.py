@@ -27,7 +27,7 @@ DIGITS = {"num_classes": 10, "in_channels": 1}
 # the few options a method needs to fit 200 tiny images; everything else keeps its defaults
 OPTIONS = {
     "crd": ["method.options={num_negatives: 32, feat_dim: 16}"],
-    "dfa": ["method.options={mode: last, gamma_fd: 1.0}"],  # the search is dfa_search's own entry
+    "dfa": ["method.options={mode: last, fd_weight: 1.0}"],  # the search is dfa_search's own entry
     "dfa_search": ["method.options={epochs_per_group: 1}"],
 }
 

@@ -93,26 +93,26 @@ def test_aggregate_is_the_weighted_sum_of_the_maps():
 def test_candidates_are_the_block_outputs_of_each_stage_without_the_stem():
     teacher = models.build("wrn_28_4", num_classes=100)
     student = models.build("wrn_16_2", num_classes=100)
-    method = methods.build("dfa", student, teacher, mode="average", gamma_fd=1.0)
+    method = methods.build("dfa", student, teacher, mode="average", fd_weight=1.0)
     assert method.groups.names == [[f"stages.{i}.{j}" for j in range(4)] for i in range(3)]  # N_i^T = 4
     assert method.groups.teacher_channels == [64, 128, 256] and method.groups.student_channels == [32, 64, 128]
 
 
 def test_ablation_weights():
     teacher, student = nets()
-    average = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="average", gamma_fd=1.0)
+    average = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="average", fd_weight=1.0)
     assert [a.tolist() for a in average.alphas] == [[0.5, 0.5]] * 3
-    last = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="last", gamma_fd=1.0)
+    last = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="last", fd_weight=1.0)
     assert [a.tolist() for a in last.alphas] == [[0.0, 1.0]] * 3
     draws = [[a.tolist() for a in methods.build("dfa", student, teacher, input_shape=SHAPE, mode="random",
-                                                random_seed=seed, gamma_fd=1.0).alphas] for seed in (0, 0, 1)]
+                                                random_seed=seed, fd_weight=1.0).alphas] for seed in (0, 0, 1)]
     assert draws[0] == draws[1] != draws[2]
     assert all(math.isclose(sum(a), 1.0, rel_tol=1e-6) and min(a) > 0 and a != [0.5, 0.5] for a in draws[0])
 
 
 def test_last_mode_is_plain_feature_distillation_exactly():
     teacher, student = nets()
-    method = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="last", gamma_fd=3.0).eval()
+    method = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="last", fd_weight=3.0).eval()
     x, y = batch()
     logits, terms = method(x, y)
     with torch.no_grad(), FeatureTap(teacher, roles(teacher).stage_names) as t_tap, \
@@ -270,7 +270,7 @@ def write_aggregation(path, weights):
 def test_searched_weights_are_fixed_buffers_kept_in_the_state_dict(tmp_path):
     teacher, student = nets()
     weights = [[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]
-    method = methods.build("dfa", student, teacher, input_shape=SHAPE, gamma_fd=1.0,
+    method = methods.build("dfa", student, teacher, input_shape=SHAPE, fd_weight=1.0,
                            weights=write_aggregation(tmp_path / "aggregation.json", weights))
     assert torch.allclose(torch.stack(method.alphas), torch.tensor(weights))
     assert not any(name.startswith("alpha") for name, _ in method.named_parameters())
@@ -284,7 +284,7 @@ def test_searched_weights_are_fixed_buffers_kept_in_the_state_dict(tmp_path):
 
 def test_deployed_student_is_the_plain_student():
     teacher, student = nets()
-    method = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="average", gamma_fd=1.0)
+    method = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="average", fd_weight=1.0)
     plain = nets()[1]
     assert method.deploy_student() is student
     assert set(student.state_dict()) == set(plain.state_dict())
@@ -298,21 +298,21 @@ def test_errors_name_the_option(tmp_path):
     def build(**options):
         return methods.build("dfa", student, teacher, input_shape=SHAPE, **options)
 
-    with pytest.raises(ConfigError, match=r"method\.options\.gamma_fd is required"):
+    with pytest.raises(ConfigError, match=r"method\.options\.fd_weight is required"):
         build(mode="last")
-    with pytest.raises(ConfigError, match=r"method\.options\.gamma_fd is required"):  # with the config, up front
+    with pytest.raises(ConfigError, match=r"method\.options\.fd_weight is required"):  # with the config, up front
         load_config(None, ["method.name=dfa", "method.options.mode=last"], base={"student": {"name": "resnet8"}})
     with pytest.raises(ConfigError, match=r"method\.options\.weights is not set"):
-        build(gamma_fd=1.0)
+        build(fd_weight=1.0)
     with pytest.raises(ConfigError, match=r"method\.options\.weights: .*does not exist"):
-        build(gamma_fd=1.0, weights=tmp_path / "nothing.json")
+        build(fd_weight=1.0, weights=tmp_path / "nothing.json")
     with pytest.raises(ConfigError, match=r"groups of \[2, 3\] weights but this teacher has \[2, 2, 2\]"):
-        build(gamma_fd=1.0, weights=write_aggregation(tmp_path / "a.json", [[0.5, 0.5], [0.2, 0.3, 0.5]]))
+        build(fd_weight=1.0, weights=write_aggregation(tmp_path / "a.json", [[0.5, 0.5], [0.2, 0.3, 0.5]]))
     with pytest.raises(ConfigError, match=r"method\.options\.search\.epochs_per_grop: unknown key; did you mean"):
-        build(gamma_fd=1.0, mode="last", search={"epochs_per_grop": 2})
+        build(fd_weight=1.0, mode="last", search={"epochs_per_grop": 2})
     with pytest.raises(ConfigError, match="same resolutions"):
         methods.build("dfa", models.build("vgg8", num_classes=10, in_channels=1), teacher, input_shape=SHAPE,
-                      mode="last", gamma_fd=1.0)
+                      mode="last", fd_weight=1.0)
 
 
 # ------------------------------------------------------------------------------------------ CLI, end to end
@@ -325,7 +325,7 @@ def dfa_config(tmp_path, name="dfa", search="epochs_per_group: 1, beta_lr: 0.01"
         "data: {name: digits, val_size: 200, train_subset: 400, augment: {crop_padding: 1, flip: false}}\n"
         f"teacher: {{name: resnet14, checkpoint: {tmp_path / 'teacher.safetensors'}}}\n"
         "student: {name: resnet8}\n"
-        f"method: {{name: dfa, options: {{gamma_fd: 1.0, search: {{{search}}}}}}}\n"
+        f"method: {{name: dfa, options: {{fd_weight: 1.0, search: {{{search}}}}}}}\n"
         f"train: {{epochs: {epochs}, batch_size: 50, progress: false}}\n")
     return config
 
@@ -401,7 +401,7 @@ def test_configs_validate(path):
     cfg = load_config(path)
     if cfg.method.name == "dfa":
         opts = validate_options(DFA, cfg.method.options)
-        assert opts.gamma_fd is not None
+        assert opts.fd_weight is not None
 
 
 def test_suite_compares_ce_fitnet_and_the_four_weightings():

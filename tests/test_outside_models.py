@@ -236,7 +236,7 @@ def test_a_saved_outside_student_loads_back(tmp_path):
 
 def test_dfa_pairs_hf_models_by_their_roles_and_its_search_names_what_it_lacks():
     teacher, student = hf("resnet"), hf("resnet", hidden_sizes=[8, 16, 32, 32])
-    method = methods.build("dfa", copy.deepcopy(student), teacher, input_shape=SHAPE, mode="last", gamma_fd=1.0)
+    method = methods.build("dfa", copy.deepcopy(student), teacher, input_shape=SHAPE, mode="last", fd_weight=1.0)
     assert method.groups.names == [["hidden.1"], ["hidden.2"], ["hidden.3"], ["hidden.4"]]
     _, terms = method(torch.randn(4, *SHAPE), torch.randint(0, 10, (4,)))
     assert set(terms) == {"ce", "fd"} and terms["fd"] > 0

@@ -358,7 +358,7 @@ def test_one_step_is_a_hint_through_the_bridge():
 
 
 def test_progressive_loss_through_the_method_by_hand():
-    method = rdr(K=2, shuffle=False, beta=2.0).eval()  # the default targets: (k/K)·t
+    method = rdr(K=2, shuffle=False, rdr_weight=2.0).eval()  # the default targets: (k/K)·t
     x, y = batch(4)
     _, terms = method(x, y)
     names = ["stages.2.0.conv2.branches.0", "stages.2.0.conv2.branches.1", "stages.2.0.relu:input"]
@@ -375,7 +375,7 @@ def test_progressive_loss_through_the_method_by_hand():
 
 
 def test_logit_kd_and_target_guided_terms():
-    method = rdr(K=3, shuffle=False, kd_weight=0.5, kd_T=2.0, target_guided=True, tg_weight=0.3).eval()
+    method = rdr(K=3, shuffle=False, kd_weight=0.5, temperature=2.0, target_guided=True, tg_weight=0.3).eval()
     x, y = batch(4)
     logits, terms = method(x, y)
     assert set(terms) == {"ce", "rdr", "kd", "tg"}

@@ -42,10 +42,10 @@ def test_throughput_command_writes_json(tmp_path, capsys):
     out = tmp_path / "tp.json"
     code = main(["bench", "throughput", "--teacher", "resnet8", "--student", "resnet8", "--methods", "ce,dkd",
                  "--input", "1x8x8", "--num-classes", "10", "--batch", "8", "--warmup", "1", "--steps", "1",
-                 "--repeats", "1", "--option", "dkd.beta=2", "--output", str(out)])
+                 "--repeats", "1", "--option", "dkd.nckd_weight=2", "--output", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
-    assert list(result["methods"]) == ["ce", "dkd"] and result["spec"]["options"] == {"dkd": {"beta": 2}}
+    assert list(result["methods"]) == ["ce", "dkd"] and result["spec"]["options"] == {"dkd": {"nckd_weight": 2}}
     assert result["spec"]["channels_last"] is True  # training's default
     assert "x bound" in capsys.readouterr().out
     again = ["bench", "throughput", "--teacher", "resnet8", "--student", "resnet8", "--methods", "ce",

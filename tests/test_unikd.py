@@ -148,7 +148,7 @@ def test_resnet32x4_to_resnet8x4_levels_and_mid_width():
 
 
 def test_dkd_beta_per_cifar_pair_follows_the_spec():
-    beta = {path.stem: config_pair(path)[2].get("dkd_beta") for path in CIFAR_CONFIGS}
+    beta = {path.stem: config_pair(path)[2].get("nckd_weight") for path in CIFAR_CONFIGS}
     assert beta == {
         "resnet32x4_resnet8x4": 8, "resnet56_resnet20": 2, "resnet110_resnet32": 2, "vgg13_vgg8": 6,
         "wrn_40_2_wrn_16_2": 6, "wrn_40_2_wrn_40_1": 6, "vgg13_mobile_half": 6, "resnet32x4_ShuffleV1": 8,
@@ -326,7 +326,7 @@ def test_logvar_clamp_must_be_an_interval(digits_pair):
 
 @pytest.mark.parametrize(("epoch", "ramp"), [(0, 0.05), (9, 0.5), (19, 1.0), (30, 1.0)])
 def test_dkd_logit_term_is_dkd_loss_with_the_linear_warmup(digits_pair, epoch, ramp):
-    method = build(digits_pair, logit_loss="dkd", dkd_alpha=1.0, dkd_beta=2.0, temperature=4.0).eval()
+    method = build(digits_pair, logit_loss="dkd", tckd_weight=1.0, nckd_weight=2.0, temperature=4.0).eval()
     method.set_progress(epoch, 40)
     x, y = batch()
     logits, terms = method(x, y)
@@ -407,7 +407,7 @@ def test_with_its_feature_terms_at_zero_unikd_trains_the_student_exactly_as_dkd(
     """The ablation unikd_no_feat must reproduce dkd: same loss and the same gradient on every student weight."""
     grads = {}
     for name, options in (("dkd", {"beta": 2.0, "warmup": 2}),
-                          ("unikd", {"dkd_beta": 2.0, "warmup": 2, "feat_weight": 0.0, "supp_weight": 0.0})):
+                          ("unikd", {"nckd_weight": 2.0, "warmup": 2, "feat_weight": 0.0, "supp_weight": 0.0})):
         torch.manual_seed(0)
         student = models.build("resnet8", num_classes=10, in_channels=1)
         torch.manual_seed(1)

@@ -357,9 +357,11 @@ def check_method(method: MethodConfig, where: str = "") -> None:
     except DistillabError as exc:
         raise ConfigError(f"{where}method.name: {exc}") from None
     try:
-        cls.Options(**method.options)
+        options = cls.Options(**method.options)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, cls.Options, f"{where}method.options.")) from None
+    # the options as given, under today's names (old names of renamed options replaced): the form runs compare by
+    method.options = options.model_dump(mode="json", exclude_unset=True)
 
 
 def dump_config(cfg: RunConfig) -> str:

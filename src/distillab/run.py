@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -269,9 +270,11 @@ def _trainer(cfg: RunConfig, data: DataSplits, run_id: str, console: Console,
 
 def same_config(saved: Path, cfg: RunConfig) -> bool:
     """Whether a run's saved config describes `cfg`, read with today's defaults (so that a field added to
-    the schema after the run was made does not count as a difference)."""
+    the schema after the run was made, or an option renamed since, does not count as a difference)."""
     try:
-        return dump_config(load_config(saved)) == dump_config(cfg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # old option names in old runs: not the user's to fix
+            return dump_config(load_config(saved)) == dump_config(cfg)
     except ConfigError:
         return False
 

@@ -12,7 +12,7 @@ A suite file names the runs to compare, each a config file plus overrides:
       grids: {kd: {method.options.temperature: [2, 4]}}
     runs:
       ce: {config: configs/fashion_mnist/ce.yaml}
-      kd: {config: configs/fashion_mnist/kd.yaml, set: [method.options.alpha=0.9]}
+      kd: {config: configs/fashion_mnist/kd.yaml, set: [method.options.kd_weight=0.9]}
 
 A config is read as: the entry's file (with its `base:` files), then the budget's keys over it, then the
 entry's `set`, then the tuned values, then seed, output_dir and name. Finished runs (those with a

@@ -11,13 +11,14 @@ from __future__ import annotations
 import difflib
 import importlib
 import pkgutil
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from torch import nn
 
 from distillab.config import format_validation_error
@@ -31,9 +32,30 @@ _METHODS: dict[str, type[Method]] = {}
 
 
 class MethodOptions(BaseModel):
-    """Base of every method's options; unknown keys are errors."""
+    """Base of every method's options; unknown keys are errors.
+
+    Naming guide: `temperature` for a logit temperature, `<term>_weight` for the weight of the loss term logged as
+    `<term>`, `student_layer(s)` / `teacher_layer(s)` for tap names. `renamed` maps an option's old name to its
+    new one: the old name still works for one release, with a FutureWarning naming the new key.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _take_old_names(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.renamed.keys() & data.keys():
+            return data
+        data = dict(data)
+        for old, new in cls.renamed.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"{old} is the old name of {new}: give {new} only")
+                warnings.warn(f"method option {old} is deprecated: it is now {new} (the old name goes in the next "
+                              "release)", FutureWarning, stacklevel=2)
+                data[new] = data.pop(old)
+        return data
 
 
 class Method(nn.Module):

@@ -2,7 +2,7 @@
 
 For every group i (a stage of the teacher: its block outputs share one resolution; the stem is excluded) the
 target is the aggregation A_i = sum_j alpha_i^j T_i^j of the teacher's block outputs (Eq. 2), and
-L = ce_weight * CE + gamma_fd * sum_i MSE(BN(Conv1x1(S_i)), A_i), S_i the student's stage output (Eqs. 3-4, the
+L = ce_weight * CE + fd_weight * sum_i MSE(BN(Conv1x1(S_i)), A_i), S_i the student's stage output (Eqs. 3-4, the
 spec's Option A: identity teacher transform, mean squared error summed over groups; no logit KD).
 
 The weights alpha are fixed buffers (no gradient, saved in checkpoints): searched by stage 1 (`dfa_search`, run first
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,11 +35,13 @@ AGGREGATION_FILE = "aggregation.json"
 class DFASearchOptions(MethodOptions):
     """Stage 1 of `dfa` (its `method.options.search`): Algorithm 1, first order, one group after the other."""
 
+    renamed: ClassVar[dict[str, str]] = {"gamma_ts": "ts_weight", "gamma_st": "st_weight"}
     epochs_per_group: int = Field(10, ge=1, description="I_s: passes over the D_w half per group; each step is one "
                                   "beta-step on D_beta and one w-step on D_w")
     warmup_epochs: int = Field(0, ge=0, description="epochs of plain CE on D_w before the first group (a warm student)")
-    gamma_ts: float = Field(1.0, ge=0, description="weight of the teacher-to-student path (CE through the student)")
-    gamma_st: float = Field(1.0, ge=0, description="weight of the student-to-teacher path (2 - 2cos)")
+    ts_weight: float = Field(1.0, ge=0, description="gamma_ts: weight of the teacher-to-student path (CE through "
+                             "the student)")
+    st_weight: float = Field(1.0, ge=0, description="gamma_st: weight of the student-to-teacher path (2 - 2cos)")
     beta_lr: float = Field(3e-4, gt=0, description="Adam learning rate of the architecture parameters")
     beta_betas: tuple[float, float] = Field((0.5, 0.999), description="Adam betas of the architecture parameters")
     beta_l2: float = Field(1e-3, ge=0, description="lambda of lambda * ||beta_i||^2, added on the beta-step")
@@ -58,21 +60,22 @@ class DFASearchOptions(MethodOptions):
 
 
 class DFAOptions(MethodOptions):
+    renamed: ClassVar[dict[str, str]] = {"gamma_fd": "fd_weight"}
     mode: Literal["searched", "last", "average", "random"] = Field(
         "searched", description="aggregation weights: from `weights` (searched), or the ablations")
     weights: Path | None = Field(None, description=f"an {AGGREGATION_FILE} (or its run directory) written by a "
                                  "search; unset with mode searched: search first, as a stage of this run")
     random_seed: int = Field(0, description="seed of the mode-random weights")
-    gamma_fd: float | None = Field(None, ge=0, description="weight of the feature distance; required (the spec "
-                                   "gives no default; try 1, 10, 100)")
+    fd_weight: float | None = Field(None, ge=0, description="gamma_fd: weight of the feature distance; required "
+                                    "(the spec gives no default; try 1, 10, 100)")
     ce_weight: float = Field(1.0, ge=0)
     search: DFASearchOptions = Field(DFASearchOptions(), description="stage-1 options: with mode searched and no "
                                      "weights, the search runs first, into <run>/stages/search")
 
     @model_validator(mode="after")
-    def _gamma_fd_is_set(self) -> DFAOptions:
-        if self.gamma_fd is None:  # checked with the config, before any data or teacher loads
-            raise ValueError("gamma_fd is required for dfa (the paper gives no value; the spec suggests trying 1, "
+    def _fd_weight_is_set(self) -> DFAOptions:
+        if self.fd_weight is None:  # checked with the config, before any data or teacher loads
+            raise ValueError("fd_weight is required for dfa (the paper gives no value; the spec suggests trying 1, "
                              "10 and 100)")
         return self
 
@@ -205,5 +208,5 @@ class DFA(Method):
                                                    strict=True))
         return logits, {
             "ce": self.opts.ce_weight * F.cross_entropy(logits, labels),
-            "fd": self.opts.gamma_fd * fd,
+            "fd": self.opts.fd_weight * fd,
         }

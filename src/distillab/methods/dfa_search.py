@@ -105,16 +105,16 @@ class DFASearch(Method):
     # -- the bridge loss ----------------------------------------------------------------------------
     def bridge_terms(self, group: int, images: torch.Tensor, labels: torch.Tensor, beta: torch.Tensor
                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Eq. 12 for group i at architecture parameters `beta`, weighted: ts = gamma_ts * L_TS (Eq. 10),
-        st = gamma_st * L_ST (Eq. 11); and the student's own logits (the forward that gives its map at the group's
+        """Eq. 12 for group i at architecture parameters `beta`, weighted: ts = ts_weight * L_TS (Eq. 10),
+        st = st_weight * L_ST (Eq. 11); and the student's own logits (the forward that gives its map at the group's
         end: each BN sees the bridged teacher map, then the images, as when the map is continued by hand)."""
         target = aggregate(teacher_groups(self.teacher, self.teacher_tap, self.groups, images)[group],
                            beta.softmax(0))
         ts_logits = self.student.forward_from(group + 1, self.ts[group](target))
         logits = self.student(images)
         student_map = self.student_tap.take()[group]
-        return {"ts": self.opts.gamma_ts * F.cross_entropy(ts_logits, labels),
-                "st": self.opts.gamma_st * unit_distance(self.st[group](student_map), target)}, logits
+        return {"ts": self.opts.ts_weight * F.cross_entropy(ts_logits, labels),
+                "st": self.opts.st_weight * unit_distance(self.st[group](student_map), target)}, logits
 
     def beta_step(self, group: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         """One Adam step on beta_i with the bridge loss + lambda ||beta_i||^2 at the current w (first order); the

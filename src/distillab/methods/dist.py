@@ -9,6 +9,8 @@ CIFAR-100 (DIST code): tau 4, beta = gamma = 1, dist_weight 2, CE 1.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -20,9 +22,12 @@ from distillab.methods.base import Method, MethodOptions, register
 class DISTOptions(MethodOptions):
     ce_weight: float = Field(1.0, ge=0)
     dist_weight: float = Field(2.0, ge=0)
-    beta: float = Field(1.0, ge=0, description="inter-class relation weight")
-    gamma: float = Field(1.0, ge=0, description="intra-class relation weight")
-    tau: float = Field(4.0, gt=0, description="softmax temperature (CIFAR 4, ImageNet 1)")
+    renamed: ClassVar[dict[str, str]] = {"beta": "inter_weight", "gamma": "intra_weight", "tau": "temperature"}
+    inter_weight: float = Field(1.0, ge=0, description="inter-class relation weight (the paper's beta), times "
+                                "dist_weight")
+    intra_weight: float = Field(1.0, ge=0, description="intra-class relation weight (the paper's gamma), times "
+                                "dist_weight")
+    temperature: float = Field(4.0, gt=0, description="softmax temperature (the paper's tau; CIFAR 4, ImageNet 1)")
 
 
 @register("dist")
@@ -34,9 +39,9 @@ class DIST(Method):
         logits = self.student(images)
         teacher_logits = self.teacher_forward(images)
         o = self.opts
-        inter, intra = dist_terms(logits, teacher_logits, o.tau)
+        inter, intra = dist_terms(logits, teacher_logits, o.temperature)
         return logits, {
             "ce": o.ce_weight * F.cross_entropy(logits, labels),
-            "inter": o.dist_weight * o.beta * inter,
-            "intra": o.dist_weight * o.gamma * intra,
+            "inter": o.dist_weight * o.inter_weight * inter,
+            "intra": o.dist_weight * o.intra_weight * intra,
         }

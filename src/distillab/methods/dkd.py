@@ -11,6 +11,8 @@ CIFAR-100 defaults: alpha 1, beta 8 (2 or 6 for some pairs, see the configs), T 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -21,8 +23,10 @@ from distillab.methods.base import Method, MethodOptions, register
 
 class DKDOptions(MethodOptions):
     ce_weight: float = Field(1.0, ge=0)
-    alpha: float = Field(1.0, ge=0, description="TCKD weight")
-    beta: float = Field(8.0, ge=0, description="NCKD weight (CIFAR-100: 8, or 2/6 for some pairs)")
+    renamed: ClassVar[dict[str, str]] = {"alpha": "tckd_weight", "beta": "nckd_weight"}
+    tckd_weight: float = Field(1.0, ge=0, description="TCKD weight (the paper's alpha)")
+    nckd_weight: float = Field(8.0, ge=0, description="NCKD weight (the paper's beta; CIFAR-100: 8, or 2/6 for some "
+                               "pairs)")
     temperature: float = Field(4.0, gt=0)
     warmup: int = Field(20, ge=0, description="epochs of linear warm-up of the DKD terms (0: none)")
 
@@ -40,6 +44,6 @@ class DKD(Method):
         ramp = warmup_factor(self.epoch, o.warmup)
         return logits, {
             "ce": o.ce_weight * F.cross_entropy(logits, labels),
-            "tckd": ramp * o.alpha * tckd,
-            "nckd": ramp * o.beta * nckd,
+            "tckd": ramp * o.tckd_weight * tckd,
+            "nckd": ramp * o.nckd_weight * nckd,
         }

@@ -19,7 +19,7 @@ mean(L_KR) over the first `calib_batches` training batches and then keeps it (it
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 import torch
 import torch.distributed as dist
@@ -140,6 +140,7 @@ NonNegative = Annotated[float, Field(ge=0)]
 
 
 class KROptions(MethodOptions):
+    renamed: ClassVar[dict[str, str]] = {"kd_T": "temperature"}
     space: Literal["features", "weights"] = "features"
     penalty: Literal["topk", "deadzone"] = "topk"
     rho: float = Field(0.25, gt=0, le=1, description="kept fraction of residuals (features) or prior gradients")
@@ -156,7 +157,7 @@ class KROptions(MethodOptions):
     calib_batches: int = Field(10, gt=0, description="batches that set kr_weight when it is auto")
     ce_weight: float = Field(1.0, ge=0)
     kd_weight: float = Field(0.0, ge=0, description="logit KD on top (the KR+KD preset: 1.0)")
-    kd_T: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0, description="temperature of the optional KD term")
 
     @model_validator(mode="after")
     def _summary_fits_divergence(self) -> KROptions:
@@ -327,5 +328,5 @@ class KnowledgeRepresenting(Method):
             kr_term = surrogate - surrogate.detach() + kr  # value: L_prior; gradient: the sparse prior gradient
         terms = {"ce": o.ce_weight * ce, "kr": self.kr_weight(ce.detach().float(), kr.detach()) * kr_term}
         if o.kd_weight > 0:
-            terms["kd"] = o.kd_weight * kd_loss(logits, teacher_logits, o.kd_T)
+            terms["kd"] = o.kd_weight * kd_loss(logits, teacher_logits, o.temperature)
         return logits, terms

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -240,6 +240,7 @@ def bridge(in_channels: int, out_channels: int) -> nn.Sequential:
 
 # -- options and the method -----------------------------------------------------------------------
 class RDROptions(MethodOptions):
+    renamed: ClassVar[dict[str, str]] = {"beta": "rdr_weight", "kd_T": "temperature"}
     K: int = Field(4, ge=1, description="student features = branches = steps")
     where: str | None = Field(None, description="the replaced conv; default: the last conv before global pooling")
     branch_kinds: list[str] | None = Field(None, description="'kxk' or 'identity' per branch; default K x the kernel")
@@ -255,11 +256,11 @@ class RDROptions(MethodOptions):
     teacher_feature: Literal["preact", "postact"] = "preact"
     teacher_layer: str | None = Field(None, description="tap name of the teacher feature (overrides teacher_feature)")
     align_spatial: Literal["pool", "bilinear"] = Field("pool", description="pool the larger map, or upsample")
-    beta: float = Field(1.0, ge=0)
+    rdr_weight: float = Field(1.0, ge=0, description="weight of the progressive term (beta in our notes)")
     w_k: list[float] | None = Field(None, description="per-step weights; default 1/K each")
     ce_weight: float = Field(1.0, ge=0)
     kd_weight: float = Field(0.0, ge=0)
-    kd_T: float = Field(4.0, gt=0)
+    temperature: float = Field(4.0, gt=0, description="temperature of the optional KD term")
     target_guided: bool = False
     tg_weight: float = Field(1.0, ge=0)
     fuse_bn: bool = Field(False, description="deploy the merged layer as one conv with bias (not the plain structure)")
@@ -343,10 +344,10 @@ class RDR(Method):
         targets = step_targets(target, start, self.abar, opts.mix, opts.sigma_scale)
         terms = {
             "ce": opts.ce_weight * F.cross_entropy(logits, labels),
-            "rdr": opts.beta * progressive_loss(bridged, targets, self.weights),
+            "rdr": opts.rdr_weight * progressive_loss(bridged, targets, self.weights),
         }
         if opts.kd_weight > 0:
-            terms["kd"] = opts.kd_weight * kd_loss(logits, teacher_logits, opts.kd_T)
+            terms["kd"] = opts.kd_weight * kd_loss(logits, teacher_logits, opts.temperature)
         if opts.target_guided and opts.K > 1:
             partial_logits = self.logits_from_feature(torch.cat(features[:-1]))
             terms["tg"] = opts.tg_weight * F.cross_entropy(partial_logits, labels.repeat(opts.K - 1))

@@ -17,7 +17,7 @@ Nothing of UniKD is used at test time.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -119,13 +119,15 @@ def aff_levels(info: FeatureInfo) -> list[str]:
 
 
 class UniKDOptions(MethodOptions):
+    renamed: ClassVar[dict[str, str]] = {"dkd_alpha": "tckd_weight", "dkd_beta": "nckd_weight"}
     ce_weight: float = Field(1.0, ge=0)
     logit_loss: Literal["dkd", "kd", "mlkd"] = Field(
         "dkd", description="logit term: DKD (spec Variant A), KD, or MLKD on two views (Variant B)")
     logit_weight: float = Field(1.0, ge=0)
     temperature: float = Field(4.0, gt=0, description="temperature of the logit term")
-    dkd_alpha: float = Field(1.0, ge=0, description="TCKD weight (logit_loss: dkd)")
-    dkd_beta: float = Field(8.0, ge=0, description="NCKD weight (logit_loss: dkd): DKD's per-pair value (8, 6 or 2)")
+    tckd_weight: float = Field(1.0, ge=0, description="TCKD weight (logit_loss: dkd)")
+    nckd_weight: float = Field(8.0, ge=0, description="NCKD weight (logit_loss: dkd): DKD's per-pair value (8, 6 or "
+                               "2)")
     warmup: int | None = Field(None, ge=0, description="epochs of linear warm-up of the logit term, "
                                "min(epoch/warmup, 1); default 20 for dkd and kd, none for mlkd")
     mlkd_quirk: bool = Field(True, description="logit_loss mlkd: the reference's strong-view KD sum takes T = 2 and "
@@ -231,7 +233,7 @@ class UniKD(Method):
     def _logit_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         o = self.opts
         if o.logit_loss == "dkd":
-            return dkd_loss(logits, teacher_logits, labels, o.dkd_alpha, o.dkd_beta, o.temperature)
+            return dkd_loss(logits, teacher_logits, labels, o.tckd_weight, o.nckd_weight, o.temperature)
         return kd_loss(logits, teacher_logits, o.temperature)
 
     def _feature_loss(self, student_dist: tuple, teacher_dist: tuple) -> torch.Tensor:
