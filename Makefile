@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,tensorboard,hf]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[dev,tensorboard,hf,onnx]"
 	touch $(STAMP)
 
 install: $(STAMP)

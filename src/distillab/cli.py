@@ -80,9 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     _debug_flag(p)
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("export", help="write a run's deployed student (RDR: branches merged) as safetensors")
+    p = sub.add_parser("export", help="write a run's deployed student (RDR: branches merged) with its model card, "
+                       "as safetensors, ONNX or a torch.export program")
     p.add_argument("run_dir", type=Path)
-    p.add_argument("--output", type=Path, help="file to write (default RUN_DIR/exported_student.safetensors)")
+    p.add_argument("--format", choices=["safetensors", "onnx", "torch-export"], default="safetensors",
+                   help="safetensors: weights (rebuilt by distillab.export.load_exported); onnx, torch-export: the "
+                   "graph too, with a dynamic batch dimension")
+    p.add_argument("--output", type=Path, help="file to write (default RUN_DIR/exported_student.<ext>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's config (e.g. method.options.fuse_bn=true, data.root)")
     _debug_flag(p)
@@ -235,10 +239,10 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from distillab.export import export_run
 
-    done = export_run(args.run_dir, args.output, args.overrides)
+    done = export_run(args.run_dir, args.output, args.overrides, args.format)
     at = f"epoch {done.epoch}" + (f", step {done.step}" if done.step else "")
-    Console().print(f"[bold green]wrote[/] {done.path}: {done.model} ({done.parameters:,} parameters), "
-                    f"deployed by {done.method} from the checkpoint at {at}")
+    Console().print(f"[bold green]wrote[/] {done.path} ({done.format}): {done.model} ({done.parameters:,} "
+                    f"parameters), deployed by {done.method} from the checkpoint at {at}")
     return 0
 
 

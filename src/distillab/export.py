@@ -1,22 +1,37 @@
-"""`distillab export`: a run's deployed student, rebuilt from its last checkpoint, as a safetensors file.
+"""`distillab export`: a run's deployed student, rebuilt from its last checkpoint, as safetensors, ONNX or a
+`torch.export` program.
 
 The method is rebuilt from the run's config (teacher weights and data included, for the shapes), its trained
 state is loaded from `checkpoints/last.pt`, and `deploy_student()` gives the network to ship: for RDR the
-branches merged into the plain student, for every other method the student itself. The file loads strictly
-into a freshly built zoo model of the run's student name (unless RDR's `fuse_bn` is set).
+branches merged into the plain student, for every other method the student itself.
+
+Every format carries a model card (`distillab` metadata, JSON): the model name and kwargs, the number of classes,
+the input size and the normalisation ((x / 255 - mean) / std per channel), so that the file can be rebuilt and fed
+without the run directory. safetensors holds the weights only: `load_exported` rebuilds the model from the card.
+ONNX and `torch.export` hold the graph too, with a dynamic batch dimension (input `images`, output `logits`).
 """
 
 from __future__ import annotations
 
+import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from distillab.data import load_splits
-from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_safetensors
-from distillab.errors import CheckpointError, DistillabError
+import torch
+from torch import nn
+
+from distillab.data import DataSplits, load_splits
+from distillab.engine.checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, save_safetensors
+from distillab.errors import CheckpointError, ConfigError, DistillabError
 from distillab.run import build_method, load_run_config
 
-EXPORT_FILE = "exported_student.safetensors"
+FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torch-export": ".pt2"}
+EXPORT_STEM = "exported_student"
+EXPORT_FILE = EXPORT_STEM + FORMATS["safetensors"]
+CARD_KEY = "distillab"
+CARD_VERSION = 1
 
 
 @dataclass
@@ -29,25 +44,116 @@ class Exported:
     parameters: int
     epoch: int
     step: int
+    format: str
 
 
-def export_run(run_dir: str | Path, output: str | Path | None = None, overrides: list[str] = ()) -> Exported:
-    """Write the deployed student of `run_dir` to `output` (default `RUN_DIR/exported_student.safetensors`).
+def model_card(model: str, kwargs: dict[str, Any], data: DataSplits, method: str, fused_bn: bool = False
+               ) -> dict[str, Any]:
+    """What rebuilds and feeds an exported student."""
+    train = data.train
+    return {"version": CARD_VERSION, "model": model, "kwargs": kwargs, "num_classes": data.num_classes,
+            "input_size": list(data.image_shape), "mean": list(train.mean), "std": list(train.std),
+            "input": "float32 N x C x H x W, (pixels / 255 - mean) / std per channel", "method": method,
+            "fused_bn": fused_bn}
+
+
+def export_run(run_dir: str | Path, output: str | Path | None = None, overrides: list[str] = (),
+               format: str = "safetensors") -> Exported:
+    """Write the deployed student of `run_dir` to `output` (default `RUN_DIR/exported_student.<ext>`).
 
     `overrides` change fields of the run's config first (e.g. `method.options.fuse_bn=true`, `data.root=...`).
     """
+    if format not in FORMATS:
+        raise ConfigError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
     if output is not None and Path(output).is_dir():
-        raise DistillabError(f"--output {output} is a directory: name the .safetensors file to write")
+        raise DistillabError(f"--output {output} is a directory: name the {FORMATS[format]} file to write")
     cfg = load_run_config(run_dir, overrides)
     state = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    method, _ = build_method(cfg, load_splits(cfg.data))
+    data = load_splits(cfg.data)
+    method, _ = build_method(cfg, data)
     try:
         method.load_trainable_state_dict(state["method"])
     except RuntimeError as exc:
         raise CheckpointError(f"{run_dir / CHECKPOINT_FILE}: does not match the run's method: {exc}") from None
     student = method.deploy_student()
-    path = Path(output) if output is not None else run_dir / EXPORT_FILE
-    save_safetensors(student, path, metadata={"model": cfg.student.name, "method": cfg.method.name})
+    method.close()  # the method's feature taps off the student before it is traced
+    card = model_card(cfg.student.name, cfg.student.kwargs, data, cfg.method.name,
+                      bool(cfg.method.options.get("fuse_bn", False)))
+    path = Path(output) if output is not None else run_dir / (EXPORT_STEM + FORMATS[format])
+    export_model(student, path, card, format)
     return Exported(path, cfg.student.name, cfg.method.name, sum(p.numel() for p in student.parameters()),
-                    int(state["epoch"]), int(state.get("step", 0)))
+                    int(state["epoch"]), int(state.get("step", 0)), format)
+
+
+def export_model(model: nn.Module, path: Path, card: dict[str, Any], format: str = "safetensors") -> None:
+    """Write `model` (in eval mode) with its model card in `format`."""
+    model = model.eval()
+    path = Path(path)
+    if format == "safetensors":
+        save_safetensors(model, path, metadata={"model": card["model"], "method": card["method"],
+                                                CARD_KEY: json.dumps(card)})
+        return
+    param = next(model.parameters())
+    example = torch.zeros(2, *card["input_size"], dtype=param.dtype, device=param.device)
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    if format == "onnx":
+        _write_onnx(model, example, batch, path, card)
+    else:
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files={CARD_KEY: json.dumps(card)}))
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, batch, path: Path, card: dict[str, Any]) -> None:
+    try:
+        import onnx
+        import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
+    except ImportError as exc:
+        raise ConfigError(f"--format onnx needs the onnx extra (pip install distillab[onnx]): {exc}") from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notes of torch internals
+        program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    proto = program.model_proto
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = CARD_KEY, json.dumps(card)
+    onnx.checker.check_model(proto)
+    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The model card of an exported file of any format."""
+    path = Path(path)
+    if path.suffix == FORMATS["onnx"]:
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        text = props.get(CARD_KEY)
+    elif path.suffix == FORMATS["torch-export"]:
+        extra = {CARD_KEY: ""}
+        torch.export.load(path, extra_files=extra)
+        text = extra[CARD_KEY] or None
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            text = (f.metadata() or {}).get(CARD_KEY)
+    if not text:
+        raise CheckpointError(f"{path}: no distillab model card (not written by `distillab export`?)")
+    return json.loads(text)
+
+
+def load_exported(path: str | Path) -> nn.Module:
+    """The model of an exported safetensors file, rebuilt from its card and loaded strictly, in eval mode."""
+    from distillab import models
+    from distillab.engine.checkpoint import load_weights
+
+    card = read_card(path)
+    if card.get("fused_bn"):
+        raise CheckpointError(f"{path}: its BN layers were folded into the convs (fuse_bn), so no stock "
+                              f"{card['model']} takes it: export it as onnx or torch-export instead")
+    size = tuple(card["input_size"])
+    model = models.build(card["model"], num_classes=card["num_classes"], in_channels=size[0], input_size=size,
+                         **card["kwargs"])
+    load_weights(model, Path(path), "exported student")
+    return model.eval()
