@@ -1,10 +1,12 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from distillab.cli import main
+from distillab.config import load_config
 
 TINY = ["--set", "data.name=digits", "--set", "data.val_size=100", "--set", "train.epochs=1",
         "--set", "train.progress=false", "--set", "method.name=ce", "--set", "data.augment.flip=false"]
@@ -76,3 +78,18 @@ def test_module_entry_point_prints_no_traceback_without_debug(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distillab", "--debug", "train", str(bad)],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_configs_ship_with_the_package_and_copy_out_with_their_bases(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no checkout here
+    assert main(["configs"]) == 0
+    listed = capsys.readouterr().out.split()
+    assert "configs/fashion_mnist/kd.yaml" in listed and "configs/cifar100/_base.yaml" in listed
+    assert load_config(Path("configs/fashion_mnist/kd.yaml")).method.name == "kd"  # the shipped file, by its name
+    assert main(["configs", "copy", "cifar100/kd/resnet32x4_resnet8x4.yaml"]) == 0
+    assert sorted(p.as_posix() for p in Path("configs").rglob("*.yaml")) == [
+        "configs/cifar100/_base.yaml", "configs/cifar100/kd/resnet32x4_resnet8x4.yaml"]
+    assert main(["configs", "copy", "fashion_mnist/kd.yaml", "mine/kd.yaml"]) == 0
+    assert (tmp_path / "mine" / "_base.yaml").is_file()
+    assert main(["configs", "copy", "fashion_mnist/kd.yaml", "mine/kd.yaml"]) == 2  # never overwritten
+    assert main(["configs", "copy", "no_such_config"]) == 2

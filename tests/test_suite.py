@@ -255,3 +255,17 @@ def test_a_typo_in_the_last_entry_is_refused_before_the_first_run(tmp_path):
     with pytest.raises(ConfigError, match=r"label_smothing: unknown key; did you mean 'label_smoothing'"):
         run_suite(load_suite(suite_file), seeds=1)
     assert not (tmp_path / "runs").exists()  # nothing was trained
+
+
+def test_charts_draw_one_line_per_teacher_and_distinct_colours_past_ten_runs():
+    from distillab.bench.plots import line_styles, teacher_lines
+
+    rows = {"a": {"teacher": "resnet20", "teacher_sha256": "aa11", "teacher_test_acc": 93.85},
+            "b": {"teacher": "resnet20", "teacher_sha256": "aa11", "teacher_test_acc": 93.85},
+            "c": {"teacher": "vit_tiny", "teacher_sha256": "bb22", "teacher_test_acc": 91.0},
+            "d": {"teacher": "resnet20", "teacher_sha256": "cc33", "teacher_test_acc": 92.0},
+            "ce": {"teacher": None, "teacher_sha256": None, "teacher_test_acc": None}}
+    assert teacher_lines(rows) == {"resnet20 aa11": 93.85, "vit_tiny": 91.0, "resnet20 cc33": 92.0}
+    styles = line_styles(25)
+    assert len({(str(s["color"]), s["linestyle"]) for s in styles}) == 25
+    assert len({str(s["color"]) for s in line_styles(10)}) == 10

@@ -149,6 +149,13 @@ def _parser() -> argparse.ArgumentParser:
     _debug_flag(p)
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("configs", help="list the shipped configs, or copy some out to edit them")
+    p.add_argument("action", nargs="?", choices=["list", "copy"], default="list")
+    p.add_argument("name", nargs="?", help="copy: a config file or folder, e.g. cifar100/kd or fashion_mnist")
+    p.add_argument("dest", nargs="?", type=Path, help="copy: where to (default ./configs/NAME)")
+    _debug_flag(p)
+    p.set_defaults(func=_configs)
+
     p = sub.add_parser("models", help="list the model zoo with parameter counts")
     p.add_argument("--num-classes", type=int, default=100)
     _debug_flag(p)
@@ -334,6 +341,52 @@ def _report(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"curves: {figure}" if figure else "no finished epoch yet: no curves drawn")
     return 0
+
+
+def _configs(args: argparse.Namespace) -> int:
+    import shutil
+
+    from distillab.config import PACKAGED_CONFIGS
+
+    if args.action == "list":
+        for path in sorted(PACKAGED_CONFIGS.rglob("*.yaml")):
+            print(f"configs/{path.relative_to(PACKAGED_CONFIGS).as_posix()}")
+        return 0
+    if not args.name:
+        raise DistillabError("distillab configs copy NAME [DEST]: name a config file or folder (see `distillab "
+                             "configs`)")
+    name = args.name.removeprefix("configs/")
+    source = PACKAGED_CONFIGS / name
+    if not source.exists() and (PACKAGED_CONFIGS / f"{name}.yaml").is_file():
+        source = PACKAGED_CONFIGS / f"{name}.yaml"
+    if not source.exists():
+        raise DistillabError(f"no shipped config {args.name!r} (see `distillab configs`)")
+    dest = args.dest or Path("configs") / source.relative_to(PACKAGED_CONFIGS)
+    if dest.exists():
+        raise DistillabError(f"{dest} exists: choose another DEST")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        shutil.copytree(source, dest)
+    else:
+        _copy_with_bases(source, dest)
+    print(f"copied {source.relative_to(PACKAGED_CONFIGS)} to {dest}")
+    return 0
+
+
+def _copy_with_bases(source: Path, dest: Path) -> None:
+    """Copy a config file and the `base:` files it names (at the same relative places), unless already there."""
+    import shutil
+
+    import yaml
+
+    while True:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if not dest.exists():
+            shutil.copy2(source, dest)
+        base = (yaml.safe_load(source.read_text()) or {}).get("base")
+        if not base:
+            return
+        source, dest = source.parent / base, dest.parent / base
 
 
 def _models(args: argparse.Namespace) -> int:

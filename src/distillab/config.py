@@ -316,8 +316,24 @@ def read_with_bases(path: Path, tree: dict[str, Any], seen: tuple[Path, ...] = (
     return merge(read_with_bases(base_path, base, (*seen, base_path)), tree)
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"  # the shipped configs, also in an installed wheel
+
+
+def packaged_config(path: Path) -> Path | None:
+    """The shipped config that a missing `configs/...` path names (so the README's commands work outside a
+    checkout), or None."""
+    parts = Path(path).parts
+    if len(parts) < 2 or parts[0] != "configs":
+        return None
+    candidate = PACKAGED_CONFIGS.joinpath(*parts[1:])
+    return candidate if candidate.is_file() else None
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
-    """A YAML config file's keys, its `base:` files resolved."""
+    """A YAML config file's keys, its `base:` files resolved; a missing `configs/...` path falls back to the
+    shipped config of that name."""
+    if not path.is_file():
+        path = packaged_config(path) or path
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     loaded = safe_yaml(read_text(path), f"{path}: ") or {}

@@ -30,9 +30,18 @@ def curves_of(runs: dict[str, list[Path]]) -> dict[str, dict[str, np.ndarray]]:
     return curves
 
 
+def line_styles(count: int) -> list[dict[str, Any]]:
+    """A distinct colour (and past 10 lines, alternating dash) for each of `count` lines: tab10 repeats after 10."""
+    if count <= 10:
+        return [{"color": plt.get_cmap("tab10")(i)} for i in range(count)]
+    colours = plt.get_cmap("tab20")
+    return [{"color": colours(i % 20), "linestyle": "-" if i < 20 else "--"} for i in range(count)]
+
+
 def plot_curves(curves: dict[str, dict[str, np.ndarray]], title: str, out: Path) -> Path:
     """One panel per metric of CURVE_PANELS, one line per label (mean over its runs, band +- 1 std)."""
     fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(5.2 * len(CURVE_PANELS), 4.2), constrained_layout=True)
+    styles = dict(zip(curves, line_styles(len(curves)), strict=True))
     for ax, (key, ylabel) in zip(axes, CURVE_PANELS, strict=True):
         for label, metrics in curves.items():
             values = metrics[key]
@@ -41,8 +50,8 @@ def plot_curves(curves: dict[str, dict[str, np.ndarray]], title: str, out: Path)
             values, epochs = values[:, measured], epochs[measured]
             mean = values.mean(0)
             std = values.std(0, ddof=1) if len(values) > 1 else np.zeros_like(mean)
-            ax.plot(epochs, mean, marker="o", markersize=3, label=label)
-            ax.fill_between(epochs, mean - std, mean + std, alpha=0.15)
+            ax.plot(epochs, mean, marker="o", markersize=3, label=label, **styles[label])
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.15, color=styles[label]["color"])
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         if key == "loss":  # methods' objectives differ by orders of magnitude
@@ -73,10 +82,12 @@ def plot_accuracy(results: dict[str, Any], out: Path) -> Path:
         ax.plot(seeds, [yi] * len(seeds), "k.", markersize=4)
         right = max(*seeds, rows[k]["test_acc"]["mean"] + rows[k]["test_acc"]["std"])
         ax.text(right + 0.15, yi, f"{rows[k]['test_acc']['mean']:.2f}", va="center", fontsize="small")
-    teacher = next((r["teacher_test_acc"] for r in rows.values() if r.get("teacher_test_acc")), None)
-    if teacher is not None:
-        ax.axvline(teacher, color="tab:red", linestyle="--", label=f"teacher {teacher:.2f}")
+    teachers = teacher_lines(rows)
+    for (name, acc), style in zip(teachers.items(), ("--", ":", "-.", (0, (5, 1))) * 4, strict=False):
+        ax.axvline(acc, color="tab:red", linestyle=style, label=f"teacher {name} {acc:.2f}")
+    if teachers:
         ax.legend(loc="lower right", fontsize="small")
+    teacher = max(teachers.values(), default=None)
     ax.set_yticks(y, labels)
     lo = min(min(rows[k]["per_seed_test_acc"]) for k in labels)
     hi = max([max(rows[k]["per_seed_test_acc"]) for k in labels] + [teacher or 0])
@@ -87,6 +98,16 @@ def plot_accuracy(results: dict[str, Any], out: Path) -> Path:
     if panels == 2:
         _plot_paired(axes[0][1], y, labels, diffs, ref)
     return _save(fig, out)
+
+
+def teacher_lines(rows: dict[str, Any]) -> dict[str, float]:
+    """One entry per distinct teacher of the runs (by name and weights): its label -> test accuracy."""
+    seen: dict[tuple, float] = {}
+    for r in rows.values():
+        if r.get("teacher_test_acc") is not None:
+            seen.setdefault((r.get("teacher"), r.get("teacher_sha256")), r["teacher_test_acc"])
+    names = [name for name, _ in seen]
+    return {(name if names.count(name) == 1 else f"{name} {sha[:8]}"): acc for (name, sha), acc in seen.items()}
 
 
 VERDICT_COLOURS = {"better": "tab:green", "worse": "tab:red", "tie": "tab:gray", "one seed": "tab:gray"}
