@@ -93,3 +93,34 @@ def test_configs_ship_with_the_package_and_copy_out_with_their_bases(tmp_path, m
     assert (tmp_path / "mine" / "_base.yaml").is_file()
     assert main(["configs", "copy", "fashion_mnist/kd.yaml", "mine/kd.yaml"]) == 2  # never overwritten
     assert main(["configs", "copy", "no_such_config"]) == 2
+
+
+def test_metrics_csv_and_a_missing_tracker_package_named_before_the_run_directory(config, tmp_path, monkeypatch):
+    assert main(["train", str(config), *TINY]) == 0
+    run = tmp_path / "runs" / "tiny"
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,") and "test_acc" in rows[0] and len(rows) == 2
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    assert main(["train", str(config), *TINY, "--set", "name=tracked", "--set", "train.trackers=[wandb]"]) == 2
+    assert not (tmp_path / "runs" / "tracked").exists()  # no --force needed for the rerun
+
+
+def test_trackers_record_epochs_steps_and_hyper_parameters(config, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    wandb = pytest.importorskip("wandb")
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # restored after the test
+    assert main(["train", str(config), *TINY, "--set", "train.epochs=2", "--set", "train.log_steps=true",
+                 "--set", "train.trackers=[tensorboard, wandb, mlflow]"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    assert any((run / "tb").rglob("events.out.tfevents.*"))
+    assert any((run / "wandb").glob("offline-run-*")) and wandb.run is None  # finished
+    mlflow.set_tracking_uri((run / "mlruns").resolve().as_uri())
+    (found,) = mlflow.search_runs(experiment_names=["distillab"], output_format="list")
+    history = mlflow.MlflowClient().get_metric_history(found.info.run_id, "test_acc")
+    assert [m.step for m in history] == [1, 2] and "final_test_acc" in found.data.metrics
+    assert found.data.params["train.epochs"] == "2" and found.data.params["method.name"] == "ce"
+    assert mlflow.MlflowClient().get_metric_history(found.info.run_id, "step/ce")  # the per-step terms

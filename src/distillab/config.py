@@ -166,7 +166,10 @@ class TrainConfig(StrictModel):
     cache_teacher: bool = Field(True, description="without augmentation, compute the frozen teacher's outputs "
                                 "once and look them up each epoch (methods that read the teacher only through "
                                 "teacher_forward; at most 4 GiB)")
-    tensorboard: bool = False
+    tensorboard: bool = Field(False, description="the tensorboard tracker (the same as listing it in trackers)")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="where the numbers go besides metrics.jsonl and metrics.csv "
+        "(distillab.engine.trackers)")
     progress: bool = Field(True, description="rich progress bar")
     checkpoint_every: int = Field(1, gt=0, description="epochs between checkpoints")
     eval_every: int = Field(1, gt=0, description="epochs between val/test evaluations; the last epoch is "
@@ -175,6 +178,10 @@ class TrainConfig(StrictModel):
     sync_bn: bool = Field(False, description="SyncBatchNorm across data-parallel ranks (CUDA only)")
     find_unused_parameters: bool = Field(False, description="DDP option for methods with parameters unused "
                                          "in some steps")
+
+    @property
+    def tracker_names(self) -> list[str]:
+        return list(dict.fromkeys([*self.trackers, *(["tensorboard"] if self.tensorboard else [])]))
 
     @model_validator(mode="after")
     def _milestones_inside_run(self) -> TrainConfig:

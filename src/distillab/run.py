@@ -21,6 +21,7 @@ from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights, write_tex
 from distillab.engine.cpu_memory import keep_freed_memory
 from distillab.engine.distributed import barrier, init_world
 from distillab.engine.lock import LOCK_FILE, RunLock, RunLockedError
+from distillab.engine.trackers import check_trackers
 from distillab.engine.trainer import SUMMARY_FILE, Trainer, TrainingStopped, resolve_device
 from distillab.errors import CheckpointError, ConfigError, DistillabError
 
@@ -208,6 +209,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
         torch.use_deterministic_algorithms(True)
     run_dir = cfg.run_dir
+    check_trackers(cfg.train.tracker_names)  # a missing tracker package is named before the run directory exists
     stages = stage_configs(cfg)  # every stage's config is valid before anything is done
     check_run_dir(run_dir, resume, force, staged=bool(stages))
     run_id = (read_run_id(run_dir) if resume else None) or uuid.uuid4().hex
@@ -262,7 +264,8 @@ def _trainer(cfg: RunConfig, data: DataSplits, run_id: str, console: Console,
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": method.fixed_epochs})})
     info["run_id"] = run_id
     trainer = Trainer(method, data, cfg.train, seed=cfg.seed, run_dir=cfg.run_dir, info=info,
-                      augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end)
+                      augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end,
+                      run_config=cfg.model_dump(mode="json"))
     if resume:
         trainer.restore(cfg.run_dir / CHECKPOINT_FILE)  # a bad checkpoint is refused before anything is written
     return cfg, trainer

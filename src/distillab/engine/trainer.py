@@ -35,6 +35,7 @@ from distillab.engine.distributed import World, all_reduce_sum, barrier, broadca
 from distillab.engine.evaluate import eval_loader, evaluate_sums
 from distillab.engine.schedule import learning_rate
 from distillab.engine.teacher_cache import build_teacher_cache
+from distillab.engine.trackers import CSV_FILE, Trackers, write_csv
 from distillab.errors import CheckpointError, DistillabError
 from distillab.methods.base import Method
 
@@ -110,8 +111,10 @@ class Trainer:
     def __init__(self, method: Method, data: DataSplits, cfg: TrainConfig | None = None, *, seed: int = 0,
                  run_dir: str | Path | None = None, info: dict[str, Any] | None = None,
                  augment: AugmentConfig | None = CIFAR_AUGMENT, console: Console | None = None,
-                 on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> None:
+                 on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+                 run_config: dict[str, Any] | None = None) -> None:
         self.method, self.data, self.cfg = method, data, cfg or TrainConfig()
+        self.run_config = dict(run_config or {"train": self.cfg.model_dump(mode="json")})  # what trackers record
         self.seed = seed
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.info = dict(info or {})
@@ -170,6 +173,7 @@ class Trainer:
         self.start_step = 0
         self.partial: dict[str, Any] | None = None  # accumulators of an epoch stopped half-way
         self.history: list[dict[str, Any]] = []
+        self._tracking: Trackers | None = None
         self._stop_signal: int | None = None
         self.restored = False
         self.saved_epoch: int | None = None  # epochs in the last checkpoint written or read
@@ -294,7 +298,8 @@ class Trainer:
             return json.loads(done.read_text())  # a finished run resumed with no new epochs changes nothing
         if self.writes:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        writer = self._tensorboard()
+        trackers = self._trackers()
+        self._tracking = trackers
         if self.start_epoch == 0 and self.method.teacher is not None and "teacher_test_acc" not in self.info:
             self.info["teacher_test_acc"] = self._eval(self.method.teacher, "test")["acc"]
         started = time.perf_counter()
@@ -309,20 +314,25 @@ class Trainer:
                     if self.writes:
                         with self._writing(self.run_dir / METRICS_FILE), open(self.run_dir / METRICS_FILE, "a") as f:
                             f.write(json.dumps(record) + "\n")
+                        with self._writing(self.run_dir / CSV_FILE):
+                            write_csv(self.run_dir, self.history)
                         if (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs:
                             self._save_checkpoint(epoch + 1)
-                    if writer is not None:
-                        for key, value in record.items():
-                            if isinstance(value, (int, float)) and key != "epoch":
-                                writer.add_scalar(key, value, record["epoch"])
+                    if trackers is not None:
+                        trackers.epoch(record)
                     barrier(self.world)
                     if self.on_epoch_end is not None:
                         self.on_epoch_end(epoch + 1, record)
+        except BaseException:
+            if trackers is not None:
+                trackers.finish(None)
+            raise
         finally:
             self.method.use_teacher_cache(None)
-            if writer is not None:
-                writer.close()
+            self._tracking = None
         summary = self._summary(time.perf_counter() - started)
+        if trackers is not None:
+            trackers.finish(summary)
         if self.writes:
             with self._writing(self.run_dir):
                 summary.update(self.method.write_outputs(self.run_dir))
@@ -410,7 +420,8 @@ class Trainer:
                         correct += (logits.argmax(1) == labels).sum()
                     seen += len(labels)
                     if cfg.log_steps:
-                        self._log_step(steps_log, epoch, step, lr, {**terms, **step_logs}, len(labels))
+                        self._log_step(steps_log, epoch, step, lr, {**terms, **step_logs}, len(labels),
+                                       epoch * steps + step)
                     if (step + 1) % refresh == 0 or step + 1 == steps:
                         means = self._check_finite(sums, seen, epoch, step)
                         rate = seen / (elapsed_before + time.perf_counter() - start)
@@ -466,7 +477,8 @@ class Trainer:
         """The run's autocast context (a no-op without AMP)."""
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
 
-    def _log_step(self, log, epoch: int, step: int, lr: float, terms: dict[str, torch.Tensor], n: int) -> None:
+    def _log_step(self, log, epoch: int, step: int, lr: float, terms: dict[str, torch.Tensor], n: int,
+                  global_step: int) -> None:
         """One line per step: the global batch's mean loss terms and logged values (all ranks take part in the
         reduction)."""
         values = torch.stack([v.detach().float() * n for v in terms.values()]
@@ -476,6 +488,8 @@ class Trainer:
             line = {"epoch": epoch + 1, "step": step, "lr": lr}
             line.update({k: v / values[-1] for k, v in zip(terms, values[:-1], strict=True)})
             log.write(json.dumps(line) + "\n")
+            if self._tracking is not None:
+                self._tracking.step(line, global_step)
 
     def _check_finite(self, sums: dict[str, torch.Tensor], seen: int, epoch: int, step: int) -> dict[str, float]:
         """Mean loss terms so far over all ranks; a non-finite one stops the run."""
@@ -512,15 +526,12 @@ class Trainer:
                            f"train {r['train_acc']:.2f}%{val}{test} "
                            f"lr {r['lr']:.3g} {r['images_per_s']:,.0f} img/s")
 
-    def _tensorboard(self):
-        if not self.cfg.tensorboard or not self.writes:
+    def _trackers(self) -> Trackers | None:
+        names = self.cfg.tracker_names
+        if not names or not self.writes:
             return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise DistillabError("train.tensorboard=true needs the tensorboard package: "
-                                 "pip install 'distillab[tensorboard]'") from exc
-        return SummaryWriter(str(self.run_dir / "tb"))
+        return Trackers(names, self.run_dir, str(self.info.get("run", self.run_dir.name)),
+                        str(self.info.get("run_id", self.run_dir.name)), {**self.run_config, "info": self.info})
 
     def _summary(self, wall_s: float) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
