@@ -114,14 +114,20 @@ def test_rdr_merges_its_branches_into_an_hf_resnet_student():
     assert not any("branches" in k for k in method.deploy_student().state_dict())
 
 
-def test_an_hf_vit_teaches_a_zoo_cnn_from_a_yaml_config(tmp_path):
-    """`hf:<directory>` with its saved weights as the teacher (no teacher.checkpoint), fitnet, export, eval."""
-    teacher = hf("vit", shape=(1, 8, 8), patch_size=2, image_size=8)
-    teacher.model.save_pretrained(tmp_path / "vit_teacher")
+@pytest.fixture(scope="module")
+def saved_hf_vit(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("hf") / "vit_teacher"
+    hf("vit", shape=(1, 8, 8), patch_size=2, image_size=8).model.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("method", ["fitnet", "diffkd", "rdr", "unikd"])
+def test_an_hf_vit_teaches_a_zoo_cnn_from_a_yaml_config(tmp_path, saved_hf_vit, method):
+    """`hf:<directory>` with its saved weights as the teacher (no teacher.checkpoint), a YAML run, export."""
     config = tmp_path / "run.yaml"
     config.write_text(f"output_dir: {tmp_path / 'runs'}\nname: from_hf\n"
-                      f"teacher: {{name: 'hf:{tmp_path / 'vit_teacher'}'}}\n"
-                      "student: {name: resnet8}\nmethod: {name: fitnet}\n"
+                      f"teacher: {{name: 'hf:{saved_hf_vit}'}}\n"
+                      f"student: {{name: resnet8}}\nmethod: {{name: {method}}}\n"
                       "data: {name: digits, val_size: 100, augment: {flip: false}}\n"
                       "train: {epochs: 1, progress: false}\n")
     assert main(["train", str(config)]) == 0

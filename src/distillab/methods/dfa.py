@@ -95,7 +95,7 @@ class Groups:
         return [len(n) for n in self.names]
 
 
-def match_groups(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, int, int]) -> Groups:
+def groups_by_roles(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, int, int]) -> Groups:
     """Pair the stages of two models by their feature roles; they must have as many stages, at the same
     resolutions. The candidates of a group are the teacher's blocks of that stage shaped like its output."""
     t_info, s_info = roles(teacher, "teacher_layers"), roles(student, "student_layers")
@@ -176,7 +176,7 @@ class DFA(Method):
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
-        self.groups = match_groups(teacher, student, self.input_shape)
+        self.groups = groups_by_roles(teacher, student, self.input_shape)
         for i, weights in enumerate(fixed_weights(self.opts, self.groups.sizes)):
             self.register_buffer(f"alpha_{i}", weights)
         self.connectors = nn.ModuleList(feature_connector(cs, ct) for cs, ct in

@@ -29,7 +29,7 @@ from torch import nn
 
 from distillab.errors import ConfigError
 from distillab.methods.base import Method, register
-from distillab.methods.dfa import DFASearchOptions, aggregate, match_groups, teacher_groups
+from distillab.methods.dfa import DFASearchOptions, aggregate, groups_by_roles, teacher_groups
 
 
 def split_halves(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,7 +63,7 @@ class DFASearch(Method):
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
-        self.groups = match_groups(teacher, student, self.input_shape)
+        self.groups = groups_by_roles(teacher, student, self.input_shape)
         if not callable(getattr(student, "forward_from", None)):
             raise ConfigError(f"dfa's search continues the student from a bridged teacher map at each stage "
                               f"(`forward_from(stage, map)`, which zoo models have): {type(student).__name__} has "

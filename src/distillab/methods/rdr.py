@@ -148,7 +148,7 @@ class Site:
     feature: str
 
 
-def default_conv(info: FeatureInfo) -> str:
+def branch_site(info: FeatureInfo) -> str:
     """The last conv before global pooling (the roles' `last_conv`): where the branches go by default."""
     if info.last_conv is None:
         raise ConfigError("the student has no conv right before its global pooling: set method.options.where")
@@ -290,7 +290,7 @@ class RDR(Method):
         super().__init__(student, teacher, **options)
         opts = self.opts
         info = roles(student, "where") if opts.where is None or opts.target_guided else None
-        self.site = locate(student, opts.where or default_conv(info))
+        self.site = locate(student, opts.where or branch_site(info))
         self._prepool, self._classifier = (info.prepool, info.classifier) if info else (None, None)
         if opts.target_guided and self._classifier is None:
             raise ConfigError("method.options.target_guided needs the student's classifier layer (feature roles)")
