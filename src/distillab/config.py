@@ -166,6 +166,8 @@ class TrainConfig(StrictModel):
     cache_teacher: bool = Field(True, description="without augmentation, compute the frozen teacher's outputs "
                                 "once and look them up each epoch (methods that read the teacher only through "
                                 "teacher_forward; at most 4 GiB)")
+    fold_teacher_bn: bool = Field(False, description="fold the frozen teacher's BatchNorms into its convs (exact up "
+                                  "to float rounding; checked on a batch, skipped when the teacher is cached)")
     tensorboard: bool = Field(False, description="the tensorboard tracker (the same as listing it in trackers)")
     trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="where the numbers go besides metrics.jsonl and metrics.csv "

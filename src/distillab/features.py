@@ -77,6 +77,12 @@ class FeatureTap:
         """Record `values` as if a forward pass had produced them (a cached teacher's answer)."""
         self._values.update(values)
 
+    def rebind(self, model: nn.Module) -> None:
+        """Hook the same names on `model` instead (a copy of the model the tap was made on, e.g. a folded teacher)."""
+        self.close()
+        self._values.clear()
+        self.__init__(model, self.names)
+
     def close(self) -> None:
         """Remove the hooks; values already recorded stay readable."""
         for handle in self._handles:

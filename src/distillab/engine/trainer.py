@@ -35,6 +35,7 @@ from distillab.engine.distributed import World, all_reduce_sum, barrier, broadca
 from distillab.engine.evaluate import eval_loader, evaluate_sums
 from distillab.engine.schedule import learning_rate
 from distillab.engine.teacher_cache import build_teacher_cache
+from distillab.engine.teacher_fold import fold_frozen_teacher
 from distillab.engine.trackers import CSV_FILE, Trackers, write_csv
 from distillab.errors import CheckpointError, DistillabError
 from distillab.methods.base import Method
@@ -155,6 +156,8 @@ class Trainer:
         self.teacher_cached = (self.cfg.cache_teacher and method.caches_teacher and method.teacher is not None
                                and parts is None and not self.loader.augmenting and not self.loader.strong_view)
         self.loader.with_indices = method.needs_indices or self.teacher_cached  # positions = the cache's rows
+        if self.cfg.fold_teacher_bn and method.teacher is not None and not self.teacher_cached:
+            self._fold_teacher()
         self.eval_loaders = {  # every rank evaluates its own strided share of each split
             split: eval_loader(ds.subset(torch.arange(self.world.rank, len(ds), self.world.world_size)),
                                self.device, self.cfg.eval_batch_size, self.cfg.channels_last)
@@ -525,6 +528,16 @@ class Trainer:
         self.console.print(f"epoch {r['epoch']}/{self.cfg.epochs} loss {r['loss']:.3f} ({terms}) "
                            f"train {r['train_acc']:.2f}%{val}{test} "
                            f"lr {r['lr']:.3g} {r['images_per_s']:,.0f} img/s")
+
+    def _fold_teacher(self) -> None:
+        """The frozen teacher with its BNs folded into its convs, where that reproduces it (engine/teacher_fold)."""
+        tapped = [name for tap in self.method.teacher_taps for name in tap.names]
+        folded, count = fold_frozen_teacher(self.method.teacher, self.method.input_shape, tapped)
+        if count:
+            if self.cfg.channels_last:
+                folded.to(memory_format=torch.channels_last)
+            self.method.replace_teacher(folded)
+        self.info["teacher_bn_folded"] = count
 
     def _trackers(self) -> Trackers | None:
         names = self.cfg.tracker_names

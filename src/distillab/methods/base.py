@@ -171,6 +171,12 @@ class Method(nn.Module):
         with torch.no_grad():
             return self.teacher(images)
 
+    def replace_teacher(self, teacher: nn.Module) -> None:
+        """Swap the frozen teacher for an equivalent one (its BNs folded, say): the method's taps move with it."""
+        self.teacher = teacher.eval().requires_grad_(False)
+        for tap in self.teacher_taps:
+            tap.rebind(teacher)
+
     def use_teacher_cache(self, cache: TeacherCache | None) -> None:
         """Answer `teacher_forward` from `cache` (None: run the teacher again) for the rows of `set_teacher_rows`."""
         if cache is not None and not self.caches_teacher:
