@@ -217,20 +217,24 @@ def test_training_into_a_locked_run_directory_is_refused(tmp_path, capsys):
     assert main(["train", str(cfg)]) == 0  # free again
 
 
-def test_the_shipped_teacher_loads_and_matches_the_budgets_sha256(monkeypatch):
+@pytest.mark.parametrize("budget_file", ["_converged.yaml", "_converged_vit.yaml"])
+def test_the_shipped_teachers_load_and_match_their_budgets_sha256(monkeypatch, budget_file):
     from pathlib import Path
 
     from distillab import models
+    from distillab.config import read_config_file
     from distillab.engine.checkpoint import load_weights
 
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)  # suites name their files relative to the repository root
-    budget = yaml.safe_load((root / "configs/fashion_mnist/_converged.yaml").read_text())
-    teacher = models.build(budget["teacher"]["name"], num_classes=10, in_channels=1)
-    digest = load_weights(teacher, root / budget["teacher"]["checkpoint"], "teacher")
-    assert digest == budget["teacher"]["sha256"]
-    summary = json.loads((root / budget["teacher"]["checkpoint"] / "summary.json").read_text())
-    assert summary["student"] == budget["teacher"]["name"] and summary["dataset"] == "fashion_mnist"
+    budget = read_config_file(root / "configs/fashion_mnist" / budget_file)
+    spec = budget["teacher"]
+    teacher = models.build(spec["name"], num_classes=10, in_channels=1, **spec.get("kwargs", {}))
+    digest = load_weights(teacher, root / spec["checkpoint"], "teacher")
+    assert digest == spec["sha256"]
+    summary = json.loads((root / spec["checkpoint"] / "summary.json").read_text())
+    assert summary["student"] == spec["name"] and summary["dataset"] == "fashion_mnist"
+    assert summary["test_acc"] > 91.0  # both beat the resnet8 student alone (88.94 %) by two points or more
     suite = load_suite(root / "suites/fashion_mnist_leaderboard.yaml")  # the leaderboard validates as shipped
     assert suite.reference == "kd" and suite.budget == Path("configs/fashion_mnist/_converged.yaml")
 
