@@ -151,9 +151,22 @@ def test_a_method_built_for_other_inputs_than_the_data_is_one_clear_error():
         Trainer(method, load_digits())
 
 
-def test_train_deterministic_turns_on_torchs_deterministic_algorithms(tmp_path):
+def test_train_deterministic_sets_torch_and_cudnn_and_otherwise_the_autotuner(tmp_path):
     try:
         train_run(config(tmp_path, "method.name=ce", "train.deterministic=true", "train.epochs=1"))
         assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        train_run(config(tmp_path, "method.name=ce", "train.epochs=1", "name=fast"))
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
     finally:
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = False, False
+
+
+def test_amp_auto_is_off_on_the_cpu_and_explicit_dtypes_pass_through():
+    from distillab.engine.trainer import autocast_dtype
+
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("off", cpu) is None
+    assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp16", cpu) is torch.float16

@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", default="3x32x32", help="image shape CxHxW (default 3x32x32)")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile each method (warm-up pays compilation)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction,

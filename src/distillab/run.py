@@ -30,6 +30,16 @@ RUN_MARKER = ".distillab-run"  # written into every run directory distillab crea
 STAGES_DIR = "stages"  # a multi-stage run's earlier stages: <run>/stages/<stage>/, each a run directory
 
 
+def set_determinism(deterministic: bool) -> None:
+    """train.deterministic: torch's deterministic algorithms and cuDNN's deterministic kernels; otherwise cuDNN's
+    autotuner (`cudnn.benchmark`), which picks the fastest kernel per shape (our loaders keep shapes fixed)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
 def build_models(cfg: RunConfig, data: DataSplits, with_teacher: bool = True
                  ) -> tuple[torch.nn.Module | None, torch.nn.Module, dict[str, Any]]:
     """The teacher (weights loaded; None unless `with_teacher`), the student (seeded init) and the run's info."""
@@ -205,9 +215,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
     if device.type == "cpu":
         keep_freed_memory()
     console = console or Console(quiet=not world.is_main)
-    if cfg.train.deterministic:  # process-wide, so set here rather than by the Trainer
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
-        torch.use_deterministic_algorithms(True)
+    set_determinism(cfg.train.deterministic)  # process-wide, so set here rather than by the Trainer
     run_dir = cfg.run_dir
     check_trackers(cfg.train.tracker_names)  # a missing tracker package is named before the run directory exists
     stages = stage_configs(cfg)  # every stage's config is valid before anything is done

@@ -89,8 +89,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `train.amp`: auto is bf16 on a CUDA device that supports it, fp16 (with a gradient
+    scaler) on one that does not, off on the CPU; an explicit bf16 on a GPU without it is refused."""
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        return None if device.type != "cuda" else torch.bfloat16 if bf16_ok else torch.float16
+    if amp == "bf16" and not bf16_ok:
+        raise DistillabError(f"train.amp=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use "
+                             "amp: fp16 (or auto, which picks it)")
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -177,6 +183,7 @@ class Trainer:
         self.partial: dict[str, Any] | None = None  # accumulators of an epoch stopped half-way
         self.history: list[dict[str, Any]] = []
         self._tracking: Trackers | None = None
+        self._first_epoch = 0
         self._stop_signal: int | None = None
         self.restored = False
         self.saved_epoch: int | None = None  # epochs in the last checkpoint written or read
@@ -303,6 +310,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         trackers = self._trackers()
         self._tracking = trackers
+        self._first_epoch = self.start_epoch  # the epoch in which this process compiles (train.compile)
         if self.start_epoch == 0 and self.method.teacher is not None and "teacher_test_acc" not in self.info:
             self.info["teacher_test_acc"] = self._eval(self.method.teacher, "test")["acc"]
         started = time.perf_counter()
@@ -546,6 +554,14 @@ class Trainer:
         return Trackers(names, self.run_dir, str(self.info.get("run", self.run_dir.name)),
                         str(self.info.get("run_id", self.run_dir.name)), {**self.run_config, "info": self.info})
 
+    def _mean_rate(self) -> float | None:
+        """Mean images/s over the epochs; with train.compile, the epoch that compiled (the first one this process
+        trained) is left out when there are others."""
+        rates = [(r["epoch"], r["images_per_s"]) for r in self.history]
+        if self.cfg.compile and len(rates) > 1:
+            rates = [(e, v) for e, v in rates if e != self._first_epoch + 1] or rates
+        return sum(v for _, v in rates) / len(rates) if rates else None
+
     def _summary(self, wall_s: float) -> dict[str, Any]:
         last = self.history[-1] if self.history else {}
         with_val = [r for r in self.history if "val_acc" in r]
@@ -562,8 +578,7 @@ class Trainer:
             "best_val": ({"epoch": best_val["epoch"], "val_acc": best_val["val_acc"],
                           "test_acc": best_val["test_acc"]} if best_val else None),
             "best_epoch_test_acc": max((r["test_acc"] for r in self.history if "test_acc" in r), default=None),
-            "images_per_s": (sum(r["images_per_s"] for r in self.history) / len(self.history)
-                             if self.history else None),
+            "images_per_s": self._mean_rate(),
             "student_params": sum(p.numel() for p in student.parameters()),
             "side_params": self.method.side_parameter_count(),
             "wall_time_s": wall_s,
