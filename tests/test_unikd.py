@@ -406,7 +406,7 @@ def test_tiny_digits_run_trains(tmp_path, digits_teacher):
 def test_with_its_feature_terms_at_zero_unikd_trains_the_student_exactly_as_dkd():
     """The ablation unikd_no_feat must reproduce dkd: same loss and the same gradient on every student weight."""
     grads = {}
-    for name, options in (("dkd", {"beta": 2.0, "warmup": 2}),
+    for name, options in (("dkd", {"nckd_weight": 2.0, "warmup": 2}),
                           ("unikd", {"nckd_weight": 2.0, "warmup": 2, "feat_weight": 0.0, "supp_weight": 0.0})):
         torch.manual_seed(0)
         student = models.build("resnet8", num_classes=10, in_channels=1)

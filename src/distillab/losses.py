@@ -36,8 +36,9 @@ def dkd_terms(
     z_s = student_logits.float() / temperature
     z_t = teacher_logits.float() / temperature
     target = F.one_hot(labels, z_s.shape[1]).bool()
-    p_s_target = F.softmax(z_s, dim=1)[target]
-    p_t_target = F.softmax(z_t, dim=1)[target]
+    index = labels[:, None]  # gathered rather than masked: no data-dependent shape, so no graph break
+    p_s_target = F.softmax(z_s, dim=1).gather(1, index).squeeze(1)
+    p_t_target = F.softmax(z_t, dim=1).gather(1, index).squeeze(1)
     tckd = _binary_kl(p_t_target, p_s_target).mean()
     log_q_s = F.log_softmax(z_s - _MASK_LOGIT * target, dim=1)
     log_q_t = F.log_softmax(z_t - _MASK_LOGIT * target, dim=1)

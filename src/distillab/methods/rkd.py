@@ -25,8 +25,10 @@ def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 def normalised_distances(e: torch.Tensor) -> torch.Tensor:
+    """The distances divided by the mean of the positive ones (d >= 0: their sum over their count, which keeps
+    the shapes static under torch.compile)."""
     d = pairwise_distances(e)
-    return d / d[d > 0].mean()
+    return d / (d.sum() / (d > 0).sum())
 
 
 def triplet_angles(e: torch.Tensor) -> torch.Tensor:
