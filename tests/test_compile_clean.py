@@ -16,6 +16,7 @@ KNOWN_BREAKS = {  # method -> why it still breaks (issue: compile-clean methods)
     "crd": "data-dependent branches: the memory's normaliser set on the first batch, `short.any()` when sampling",
     "rdr": "the branch order is a Python permutation (torch.randperm(K).tolist())",
 }
+pytestmark = pytest.mark.slow  # ~2.5 s per method on the 2-core CPU
 OPTIONS = {"dfa": {"fd_weight": 1.0, "mode": "last"}, "crd": {"num_negatives": 16}}
 
 

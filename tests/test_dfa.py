@@ -365,6 +365,7 @@ def test_search_then_distil_is_one_run_of_two_stages(tmp_path, capsys):
     assert "method.options.search.epochs_per_group" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_search_stopped_mid_group_resumes_to_the_same_weights(tmp_path):
     config = dfa_config(tmp_path, "stopped", "epochs_per_group: 3, beta_lr: 0.01")
     reference = dfa_config(tmp_path / "ref", "ref", "epochs_per_group: 3, beta_lr: 0.01")

@@ -57,6 +57,7 @@ def run(world_size: int, out) -> list[dict]:
     return [json.loads(line) for line in (out / "run" / "steps.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_follow_one_process_step_by_step(tmp_path):
     one = run(1, tmp_path / "one")
     two = run(2, tmp_path / "two")
@@ -78,6 +79,7 @@ def test_two_gloo_processes_follow_one_process_step_by_step(tmp_path):
     assert summary["environment"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_torchrun_launches_the_cli_with_two_processes(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"output_dir: {tmp_path}\nname: ddp\nstudent: {{name: resnet8}}\nmethod: {{name: ce}}\n"
@@ -94,6 +96,7 @@ def test_torchrun_launches_the_cli_with_two_processes(tmp_path):
     assert proc.stdout.count("epoch 1/1") == 1 and proc.stdout.count("done:") == 1  # rank 0 prints alone
 
 
+@pytest.mark.slow
 def test_a_bad_batch_under_torchrun_is_one_line_from_rank_0(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"output_dir: {tmp_path}\nname: odd\nstudent: {{name: resnet8}}\nmethod: {{name: ce}}\n"

@@ -68,6 +68,7 @@ def resume(run_dir):
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(tmp_path, reference):
     cfg = write_config(tmp_path, "killed")
     run_dir = tmp_path / "runs" / "killed"
@@ -83,6 +84,7 @@ def test_kill_9_then_resume_ends_with_the_uninterrupted_weights(tmp_path, refere
     assert epochs == [1, 2, 3, 4, 5, 6]  # no epoch recorded twice
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_resumable_checkpoint(tmp_path, reference):
     cfg = write_config(tmp_path, "stopped")
     run_dir = tmp_path / "runs" / "stopped"
