@@ -125,3 +125,25 @@ def test_memory_bank_method_refuses_data_parallel_training(monkeypatch):
     method = methods.build("crd", student, teacher, input_shape=(1, 8, 8), num_negatives=16)
     with pytest.raises(DistillabError, match="method 'crd' keeps per-process state"):
         trainer_module.Trainer(method, load_digits())
+
+
+def test_data_parallel_leaves_the_frozen_teacher_out(tmp_path):
+    """The teacher's parameters are not reduced and its buffers not broadcast; the student's buffers are."""
+    import torch.distributed as dist
+
+    from distillab import methods, models
+    from distillab.engine.trainer import data_parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        method = methods.build("kd", models.build("resnet8", 10, 1), models.build("resnet8", 10, 1),
+                               input_shape=(1, 8, 8))
+        ddp = data_parallel(method, torch.device("cpu"))
+        teacher = {id(t) for t in [*method.teacher.parameters(), *method.teacher.buffers()]}
+        student_buffers = {id(b) for b in method.student.buffers()}
+        broadcast = {id(b) for b in ddp.modules_buffers}
+        assert not teacher & broadcast and student_buffers <= broadcast
+        assert all(name.startswith("teacher.") for name in ddp.parameters_to_ignore)
+        assert len(ddp.parameters_to_ignore) == len(teacher)
+    finally:
+        dist.destroy_process_group()

@@ -133,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
     p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     p.add_argument("--repeats", type=int, default=3, help="measurements per method (the median is reported)")
+    p.add_argument("--fold-teacher-bn", action="store_true",
+                   help="methods train with the teacher's BNs folded (train.fold_teacher_bn); the bound stays unfolded")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method option, e.g. dfa.mode=last (repeatable)")
     p.add_argument("--output", type=Path, help="JSON file (default results/throughput/<pair>_<shape>_..json, "
@@ -318,7 +320,8 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     spec = ThroughputSpec(teacher=args.teacher, student=args.student, methods=names,
                           input_shape=parse_shape(args.input), num_classes=args.num_classes, batch=args.batch,
                           device=args.device, amp=args.amp, compile=args.compile,
-                          warmup=args.warmup, steps=args.steps, repeats=args.repeats, options=options)
+                          warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+                          fold_teacher_bn=args.fold_teacher_bn, options=options)
     if args.channels_last is not None:
         spec.channels_last = args.channels_last
     if args.output is not None and args.output.exists() and not args.force:

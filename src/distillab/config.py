@@ -154,12 +154,16 @@ class TrainConfig(StrictModel):
     epochs: int = Field(240, gt=0)
     batch_size: int = Field(64, gt=0)
     eval_batch_size: int = Field(256, gt=0)
-    drop_last: bool = Field(False, description="drop the last partial batch of each epoch")
+    drop_last: bool = Field(False, description="drop the last partial batch of each epoch (always under compile, "
+                            "where it would recompile the step; the shuffle rotates which images are dropped)")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, off on CPU")
-    compile: bool = Field(False, description="torch.compile the method")
+    compile: bool = Field(False, description="torch.compile the method's training step")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode; reduce-overhead captures the step in CUDA graphs (static "
+        "shapes: the partial batch is dropped under compile)")
     channels_last: bool = Field(True, description="channels-last memory format (faster on the 2-core CPU too)")
     deterministic: bool = Field(False, description="torch's deterministic algorithms, for the whole process "
                                 "(slower on GPU; an op without one is an error)")

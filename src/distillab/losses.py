@@ -59,9 +59,15 @@ def dkd_loss(
     return alpha * tckd + beta * nckd
 
 
-def warmup_factor(epoch: int, warmup: int) -> float:
-    """mdistiller's min(epoch / warmup, 1) with epochs counted from 1; `epoch` here is 0-based."""
-    return 1.0 if warmup <= 0 else min((epoch + 1) / warmup, 1.0)
+def warmup_factor(epoch: int | torch.Tensor, warmup: int) -> float | torch.Tensor:
+    """mdistiller's min(epoch / warmup, 1) with epochs counted from 1; `epoch` here is 0-based. Given the epoch
+    as a tensor (a method's `epoch_tensor`), the factor is a tensor: a compiled step does not recompile when the
+    epoch changes."""
+    if warmup <= 0:
+        return 1.0
+    if isinstance(epoch, torch.Tensor):
+        return ((epoch + 1) / warmup).clamp(max=1.0)
+    return min((epoch + 1) / warmup, 1.0)
 
 
 _PEARSON_EPS = 1e-8

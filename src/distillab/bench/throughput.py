@@ -4,7 +4,10 @@ Every method trains through the real `Trainer.train_step` (same loader, augmenta
 memory format as a run) on seeded random images of the given shape. The bound is what no distillation
 method can beat: a plain student training step (method `ce`) plus a teacher forward pass under no_grad,
 both measured in the same process. It is measured before and after the methods; the mean is reported
-along with the drift between the two, so a machine whose speed changed during the run shows it.
+along with the drift between the two, so a machine whose speed changed during the run shows it. With
+`fold_teacher_bn` the methods train with the teacher's BatchNorms folded into its convs (as
+`train.fold_teacher_bn` does) and the folded teacher forward is measured too, while the bound stays the naive
+one (unfolded teacher), so a ratio above 1 is what folding buys.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class ThroughputSpec:
     warmup: int = 3
     steps: int = 10
     repeats: int = 3
+    fold_teacher_bn: bool = False
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -75,13 +79,19 @@ def measure(spec: ThroughputSpec, console: Console | None = None) -> dict[str, A
                                      train_size=max(spec.batch * (spec.warmup + spec.steps), MIN_TRAIN_SIZE),
                                      test_size=spec.batch), 0)
     cfg = TrainConfig(epochs=1, batch_size=spec.batch, drop_last=True, device=str(device), amp=spec.amp,
-                      compile=spec.compile, channels_last=spec.channels_last, progress=False)
+                      compile=spec.compile, channels_last=spec.channels_last, progress=False,
+                      fold_teacher_bn=spec.fold_teacher_bn)
+    naive = cfg.model_copy(update={"fold_teacher_bn": False})
 
     def bound() -> dict[str, Any]:
-        student = _timed(console, "student step (ce)", lambda: _method_rate(spec, "ce", data, cfg), spec.repeats)
-        teacher = _timed(console, "teacher forward", lambda: _teacher_rate(spec, data, cfg), spec.repeats)
-        return {"student_step": student, "teacher_forward": teacher,
-                "images_per_s": 1.0 / (1.0 / student["images_per_s"] + 1.0 / teacher["images_per_s"])}
+        student = _timed(console, "student step (ce)", lambda: _method_rate(spec, "ce", data, naive), spec.repeats)
+        teacher = _timed(console, "teacher forward", lambda: _teacher_rate(spec, data, naive), spec.repeats)
+        parts = {"student_step": student, "teacher_forward": teacher,
+                 "images_per_s": 1.0 / (1.0 / student["images_per_s"] + 1.0 / teacher["images_per_s"])}
+        if spec.fold_teacher_bn:
+            parts["teacher_forward_folded"] = _timed(console, "teacher forward (BN folded)",
+                                                     lambda: _teacher_rate(spec, data, cfg), spec.repeats)
+        return parts
 
     before = bound()
     rows = {name: _timed(console, name, lambda name=name: _method_rate(spec, name, data, cfg), spec.repeats)
@@ -200,13 +210,17 @@ def results_table(result: dict[str, Any]) -> Table:
                    else parts["student_step"]["gflops_per_image"] + parts["teacher_forward"]["gflops_per_image"])
     table.add_row("bound (student step + teacher fwd)", f"{bound['images_per_s']:,.1f}", "1.00",
                   flops({"gflops_per_image": bound_flops}), "-", "-")
-    for part in ("student_step", "teacher_forward"):
+    for part in ("student_step", "teacher_forward", "teacher_forward_folded"):
+        if part not in parts:
+            continue
         row = parts[part]
         table.add_row(f"  {part.replace('_', ' ')}", f"{row['images_per_s']:,.1f}", "", flops(row), mem(row), "")
     for name, row in result["methods"].items():
         table.add_row(name, f"{row['images_per_s']:,.1f}", f"{row['ratio_to_bound']:.2f}", flops(row), mem(row),
                       f"{row['side_params']:,}")
-    table.caption = (f"median of {spec['repeats']} x {spec['steps']} steps after {spec['warmup']} warm-up; "
+    folded = " with the teacher's BNs folded (bound: unfolded)" if spec.get("fold_teacher_bn") else ""
+    table.caption = (f"methods{folded}; median of {spec['repeats']} x {spec['steps']} steps after "
+                     f"{spec['warmup']} warm-up; "
                      f"bound drift during the run {bound['drift']:+.1%}; torch {result['environment']['torch']}, "
                      f"{result['environment']['threads']} threads")
     return table
@@ -214,7 +228,8 @@ def results_table(result: dict[str, Any]) -> Table:
 
 def default_output(spec: ThroughputSpec) -> Path:
     shape = "x".join(map(str, spec.input_shape))
-    extra = ("_compile" if spec.compile else "") + ("" if spec.channels_last else "_nchw")
+    extra = (("_compile" if spec.compile else "") + ("" if spec.channels_last else "_nchw")
+             + ("_foldbn" if spec.fold_teacher_bn else ""))
     device = resolve_device(spec.device).type
     return Path("results/throughput") / (f"{spec.teacher}_{spec.student}_{shape}_b{spec.batch}_{device}"
                                          f"_{spec.amp}{extra}.json")

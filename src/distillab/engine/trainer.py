@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -153,7 +154,7 @@ class Trainer:
             self.method.to(memory_format=torch.channels_last)
         self.loaders = [
             DeviceLoader(data.train if part is None else data.train.subset(part), local_batch, device=self.device,
-                         shuffle=True, augment=augment, drop_last=self.cfg.drop_last,
+                         shuffle=True, augment=augment, drop_last=self.cfg.drop_last or self.cfg.compile,
                          seed=seed if part is None else derive_seed("train-part", k, seed), rank=self.world.rank,
                          world_size=self.world.world_size, channels_last=self.cfg.channels_last,
                          with_indices=method.needs_indices, strong_view="strong" in method.extra_views)
@@ -174,10 +175,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         step_fn: torch.nn.Module = method
         if self.world.distributed:
-            step_fn = torch.nn.parallel.DistributedDataParallel(
-                method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.cfg.find_unused_parameters)
-        self.step_fn = torch.compile(step_fn) if self.cfg.compile else step_fn
+            step_fn = data_parallel(method, self.device, self.cfg.find_unused_parameters)
+        self.step_fn = torch.compile(step_fn, mode=self.cfg.compile_mode) if self.cfg.compile else step_fn
         self.start_epoch = 0
         self.start_step = 0
         self.partial: dict[str, Any] | None = None  # accumulators of an epoch stopped half-way
@@ -587,6 +586,20 @@ class Trainer:
                             "world_size": self.world.world_size,
                             "python": platform.python_version()},
         }
+
+
+def data_parallel(method: Method, device: torch.device, find_unused_parameters: bool = False,
+                  ) -> torch.nn.parallel.DistributedDataParallel:
+    """`method` wrapped in DDP with its frozen teacher left out: the teacher's parameters are not in the gradient
+    reducer and its buffers (BN statistics, identical on every rank and never updated) are not broadcast each
+    step. The student's and the side modules' buffers still come from rank 0 at every forward."""
+    teacher = [f"teacher.{name}" for name, _ in itertools.chain(method.teacher.named_parameters(),
+                                                              method.teacher.named_buffers())
+               ] if method.teacher is not None else []
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, teacher)
+    return torch.nn.parallel.DistributedDataParallel(
+        method, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=find_unused_parameters)
 
 
 def device_name(device: torch.device) -> str:

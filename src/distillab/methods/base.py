@@ -98,6 +98,9 @@ class Method(nn.Module):
         self.input_shape = tuple(input_shape or getattr(student, "input_size", (3, 32, 32)))
         self.epoch = 0
         self.num_epochs = 1
+        # the epoch as a tensor for what the training step reads (warm-up ramps): a Python int there would make a
+        # compiled step recompile every epoch
+        self.register_buffer("epoch_tensor", torch.zeros(()), persistent=False)
         self._taps: list[FeatureTap] = []
         self.teacher_taps: list[FeatureTap] = []
         self._teacher_cache: TeacherCache | None = None
@@ -155,6 +158,7 @@ class Method(nn.Module):
 
     def set_progress(self, epoch: int, num_epochs: int) -> None:
         self.epoch, self.num_epochs = epoch, num_epochs
+        self.epoch_tensor.fill_(epoch)
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)

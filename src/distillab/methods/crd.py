@@ -43,13 +43,16 @@ class Embed(nn.Module):
 def sample_contrast_indices(indices: torch.Tensor, labels: torch.Tensor, train_labels: torch.Tensor,
                             num_negatives: int) -> torch.Tensor:
     """B x (1 + K) bank rows: column 0 the sample itself, then K rows of other-class images drawn uniformly,
-    without replacement where the anchor's class leaves at least K such images, with replacement otherwise."""
+    without replacement where the anchor's class leaves at least K such images, with replacement otherwise.
+    Branch-free (a compiled step neither breaks nor syncs): a short row's K draws are uniform picks among its
+    first m columns, which are exactly its m allowed rows."""
     allowed = train_labels[None, :] != labels[:, None]  # B x N
     keys = torch.rand(allowed.shape, device=allowed.device).masked_fill_(~allowed, 2.0)  # same class: last
     negatives = keys.topk(num_negatives, dim=1, largest=False).indices
-    short = allowed.sum(dim=1) < num_negatives
-    if short.any():
-        negatives[short] = torch.multinomial(allowed[short].float(), num_negatives, replacement=True)
+    count = allowed.sum(dim=1, keepdim=True)  # B x 1
+    picks = (torch.rand(negatives.shape, device=negatives.device) * count).long().clamp_(max=num_negatives - 1)
+    with_replacement = negatives.gather(1, picks)
+    negatives = torch.where(count < num_negatives, with_replacement, negatives)
     return torch.cat([indices[:, None], negatives], dim=1)
 
 
@@ -72,8 +75,7 @@ class ContrastMemory(nn.Module):
 
     def _probabilities(self, v: torch.Tensor, bank: torch.Tensor, contrast: torch.Tensor, z: torch.Tensor):
         scores = torch.exp(torch.gather(v @ bank.t(), 1, contrast) / self.temperature)
-        if z < 0:  # the first batch fixes Z = mean(exp(.)) * N
-            z.copy_(scores.detach().mean() * self.num_data)
+        z.copy_(torch.where(z < 0, scores.detach().mean() * self.num_data, z))  # the first batch fixes Z
         return scores / z
 
     def forward(self, v_student: torch.Tensor, v_teacher: torch.Tensor, indices: torch.Tensor,

@@ -41,7 +41,7 @@ class DKD(Method):
         teacher_logits = self.teacher_forward(images)
         o = self.opts
         tckd, nckd = dkd_terms(logits, teacher_logits, labels, o.temperature)
-        ramp = warmup_factor(self.epoch, o.warmup)
+        ramp = warmup_factor(self.epoch_tensor, o.warmup)
         return logits, {
             "ce": o.ce_weight * F.cross_entropy(logits, labels),
             "tckd": ramp * o.tckd_weight * tckd,

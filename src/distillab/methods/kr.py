@@ -183,7 +183,6 @@ class KnowledgeRepresenting(Method):
         self.register_buffer("kr_weight_value", torch.tensor(float(self.opts.kr_weight) if fixed else 0.0))
         # batches seen, sum of CE, sum of L_KR over the calibration batches
         self.register_buffer("calibration", torch.tensor([float(self.opts.calib_batches) if fixed else 0.0, 0, 0]))
-        self._calibrated: bool | None = fixed
         self.register_load_state_dict_post_hook(KnowledgeRepresenting._after_load)
 
     def _selected_pairs(self) -> list[tuple[int, int]]:
@@ -296,23 +295,23 @@ class KnowledgeRepresenting(Method):
         return surrogate, prior
 
     def _after_load(self, _keys) -> None:
-        self._calibrated = None  # read the loaded calibration state on the next step
         self._set_quantile_targets()
 
     # -- loss weight ----------------------------------------------------------------------
     def kr_weight(self, ce: torch.Tensor, kr: torch.Tensor) -> torch.Tensor:
-        """The fixed kr_weight, or (auto) sum(CE) / sum(L_KR) over the calibration batches seen so far."""
-        if self._calibrated is None:
-            self._calibrated = bool(self.calibration[0] >= self.opts.calib_batches)
-        if self.training and not self._calibrated:
+        """The fixed kr_weight, or (auto) sum(CE) / sum(L_KR) over the first `calib_batches` training batches.
+        Branch-free (masked updates, no host read of the count), so a compiled step neither syncs nor recompiles
+        when calibration ends."""
+        if self.training and self.opts.kr_weight == "auto":
             with torch.no_grad():
                 sums = torch.stack([ce, kr]).to(self.calibration)
                 if dist.is_available() and dist.is_initialized():
                     dist.all_reduce(sums)  # every rank calibrates on the global batch, so all keep one weight
-                self.calibration += torch.cat([sums.new_ones(1), sums])
+                calibrating = self.calibration[0] < self.opts.calib_batches
+                self.calibration += torch.where(calibrating, torch.cat([sums.new_ones(1), sums]), 0.0)
                 _, ce_sum, kr_sum = self.calibration
-                self.kr_weight_value.copy_(torch.where(kr_sum > 0, ce_sum / kr_sum, torch.zeros_like(kr_sum)))
-            self._calibrated = None
+                weight = torch.where(kr_sum > 0, ce_sum / kr_sum, torch.zeros_like(kr_sum))
+                self.kr_weight_value.copy_(torch.where(calibrating, weight, self.kr_weight_value))
         return self.kr_weight_value
 
     # -- contract -------------------------------------------------------------------------

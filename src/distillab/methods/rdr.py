@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -97,18 +98,23 @@ def progressive_loss(predictions: list[torch.Tensor], targets: list[torch.Tensor
 
 
 # -- student features ---------------------------------------------------------------------------
-def draw_order(steps: int, shuffle: bool = True) -> list[int]:
-    """The order the branches are taken in this step: a fresh permutation (global RNG), or 0..K−1."""
-    return torch.randperm(steps).tolist() if shuffle else list(range(steps))
+def draw_order(steps: int, shuffle: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The order the branches are taken in this step, as an index tensor on `device`: a fresh permutation (that
+    device's global RNG), or 0..K−1. A tensor, not a list: a compiled step neither breaks its graph nor guards on
+    the order drawn, and a GPU step does not copy it from the host."""
+    return torch.randperm(steps, device=device) if shuffle else torch.arange(steps, device=device)
 
 
-def step_features(outputs: list[torch.Tensor], order: list[int], mode: str = "partial_sum") -> list[torch.Tensor]:
+def step_features(outputs: list[torch.Tensor], order: torch.Tensor | Sequence[int],
+                  mode: str = "partial_sum") -> list[torch.Tensor]:
     """z_1..z_K: partial sums z_k = Σ_{j≤k} y_order[j] (`partial_sum`), or single branches y_order[k]."""
+    order = torch.as_tensor(order, dtype=torch.long)
+    taken = torch.stack(outputs).index_select(0, order.to(outputs[0].device, non_blocking=True)).unbind(0)
     if mode == "single_branch":
-        return [outputs[j] for j in order]
-    sums = [outputs[order[0]]]
-    for j in order[1:]:
-        sums.append(sums[-1] + outputs[j])
+        return list(taken)
+    sums = [taken[0]]
+    for y in taken[1:]:  # added one at a time, in order (as a cumsum would not be, in float32)
+        sums.append(sums[-1] + y)
     return sums
 
 
@@ -334,7 +340,8 @@ class RDR(Method):
         teacher_logits = self.teacher_forward(images)
         (teacher_feature,) = self.teacher_tap.take()
         shortcut = feature - layer_output  # what the block adds to the layer's output (0 when nothing)
-        features = [z + shortcut for z in step_features(outputs, draw_order(opts.K, opts.shuffle), opts.features)]
+        order = draw_order(opts.K, opts.shuffle, images.device)
+        features = [z + shortcut for z in step_features(outputs, order, opts.features)]
         bridged = self.bridged(features)
         target = as_feature_map(teacher_feature).float()
         size = _common_size(bridged[0], target, opts.align_spatial)

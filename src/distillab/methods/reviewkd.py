@@ -119,7 +119,7 @@ class ReviewKD(Method):
         self.teacher_forward(images)
         predictions = self.review(self.student_tap.take())
         targets = [as_map(f) for f in self.teacher_tap.take()]
-        ramp = warmup_factor(self.epoch, self.opts.warmup)
+        ramp = warmup_factor(self.epoch_tensor, self.opts.warmup)
         return logits, {
             "ce": self.opts.ce_weight * F.cross_entropy(logits, labels),
             "hcl": self.opts.review_weight * ramp * hcl_loss(predictions, targets),

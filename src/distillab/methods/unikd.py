@@ -25,7 +25,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from distillab.errors import ConfigError
-from distillab.losses import dkd_loss, gaussian_kl, kd_loss, mlkd_terms
+from distillab.losses import dkd_loss, gaussian_kl, kd_loss, mlkd_terms, warmup_factor
 from distillab.methods.base import Method, MethodOptions, register
 from distillab.methods.reviewkd import gated_sum
 from distillab.roles import FeatureInfo, roles
@@ -215,7 +215,7 @@ class UniKD(Method):
             terms.update({k: o.logit_weight * v for k, v in mlkd.items()})
         else:
             warmup = 20 if o.warmup is None else o.warmup
-            ramp = min((self.epoch + 1) / warmup, 1.0) if warmup else 1.0  # epochs counted from 1
+            ramp = warmup_factor(self.epoch_tensor, warmup)
             terms[o.logit_loss] = ramp * o.logit_weight * self._logit_loss(logits, teacher_logits[0], labels)
         feat = supp = 0.0
         for (s_logits, fused), t_logits, t_feature in zip(outputs, teacher_logits, teacher_features, strict=False):
