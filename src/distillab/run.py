@@ -35,7 +35,8 @@ def set_determinism(deterministic: bool) -> None:
     autotuner (`cudnn.benchmark`), which picks the fastest kernel per shape (our loaders keep shapes fixed)."""
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic:  # setting it imports torch._inductor (2 s)
+        torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = not deterministic
 
