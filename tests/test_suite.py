@@ -11,6 +11,7 @@ from distillab.bench.report import report
 from distillab.bench.stats import paired_difference, verdict
 from distillab.bench.suite import entry_config, grid_points, load_suite, overrides_of, run_suite, tune_suite
 from distillab.cli import main
+from distillab.config import dump_config
 from distillab.engine.checkpoint import CHECKPOINT_FILE
 from distillab.engine.lock import RunLock, RunLockedError
 from distillab.errors import ConfigError, DistillabError
@@ -273,3 +274,20 @@ def test_charts_draw_one_line_per_teacher_and_distinct_colours_past_ten_runs():
     styles = line_styles(25)
     assert len({(str(s["color"]), s["linestyle"]) for s in styles}) == 25
     assert len({str(s["color"]) for s in line_styles(10)}) == 10
+
+
+def test_an_entry_budget_replaces_the_suites_and_shares_the_other_suites_runs(tmp_path, monkeypatch):
+    suite_file, _ = write_suite(tmp_path)
+    other = tmp_path / "other_budget.yaml"
+    other.write_text("train: {epochs: 2}\n")
+    suite_file.write_text(suite_file.read_text() + f"  ce_other: {{config: {tmp_path / 'ce.yaml'}, budget: {other}}}\n")
+    suite = load_suite(suite_file)
+    assert entry_config(suite, "ce", 0).train.epochs == 1 and entry_config(suite, "ce_other", 0).train.epochs == 2
+    missing = tmp_path / "suite2.yaml"
+    missing.write_text(suite_file.read_text().replace(str(other), str(tmp_path / "nope.yaml")))
+    with pytest.raises(ConfigError, match=r"runs.ce_other.budget: config file .*nope.yaml does not exist"):
+        load_suite(missing)
+    monkeypatch.chdir(ROOT)  # the ViT suite's teacher-free rows are, config for config, the CNN suite's runs
+    vit, cnn = (load_suite(Path(f"suites/fashion_mnist_{name}_converged.yaml")) for name in ("vit", "rdr"))
+    for label in ("ce", "rdr_beta0"):
+        assert dump_config(entry_config(vit, label, 0)) == dump_config(entry_config(cnn, label, 0)), label

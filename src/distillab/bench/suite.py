@@ -13,8 +13,10 @@ A suite file names the runs to compare, each a config file plus overrides:
     runs:
       ce: {config: configs/fashion_mnist/ce.yaml}
       kd: {config: configs/fashion_mnist/kd.yaml, set: [method.options.kd_weight=0.9]}
+      vit_kd: {config: configs/fashion_mnist/kd.yaml, budget: configs/fashion_mnist/_converged_vit.yaml}
 
-A config is read as: the entry's file (with its `base:` files), then the budget's keys over it, then the
+A config is read as: the entry's file (with its `base:` files), then the budget's keys over it (the entry's own
+`budget` where it names one), then the
 entry's `set`, then the tuned values, then seed, output_dir and name. Finished runs (those with a
 summary.json) are skipped, so an interrupted suite resumes where it stopped; a run another process is
 training (its run lock is held) is left to that process and waited for at the end, so two `bench suite`
@@ -66,6 +68,8 @@ class SuiteEntry(StrictModel):
     config: Path
     set: list[str] = Field(default_factory=list, description="overrides, as with --set")
     tuned_as: str | None = Field(None, description="take the values tuned for this label (an ablation of it)")
+    budget: Path | None = Field(None, description="this entry's budget instead of the suite's (e.g. a teacher-free "
+                                "run shared with a suite on another teacher)")
 
 
 class TuneSpec(StrictModel):
@@ -119,8 +123,10 @@ def load_suite(path: Path) -> Suite:
         suite = Suite.model_validate(safe_yaml(read_text(path), f"{path}: ") or {})
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, Suite, f"{path}: ")) from None
-    if suite.budget is not None and not suite.budget.is_file():
-        raise ConfigError(f"{path}: budget: config file {suite.budget} does not exist")
+    budgets = [("budget", suite.budget)] + [(f"runs.{k}.budget", e.budget) for k, e in suite.runs.items()]
+    for field, budget in budgets:
+        if budget is not None and not budget.is_file():
+            raise ConfigError(f"{path}: {field}: config file {budget} does not exist")
     return suite
 
 
@@ -136,8 +142,9 @@ def overrides_of(point: dict[str, Any]) -> list[str]:
 
 def entry_config(suite: Suite, label: str, seed: int, extra: list[str] = (), name: str | None = None) -> RunConfig:
     entry = suite.runs[label]
+    budget = entry.budget or suite.budget
     return load_config(entry.config, [*entry.set, *extra, f"seed={seed}", f"output_dir={suite.output_dir}",
-                                      f"name={name or label}_s{seed}"], layers=[suite.budget] if suite.budget else [])
+                                      f"name={name or label}_s{seed}"], layers=[budget] if budget else [])
 
 
 def records_dir(suite: Suite) -> Path:
