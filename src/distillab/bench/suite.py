@@ -351,6 +351,12 @@ def _fmt_diff(diff: dict[str, Any] | None) -> str:
     return f"{diff['mean']:+.2f} [{diff['ci_low']:+.2f}, {diff['ci_high']:+.2f}]"
 
 
+def _verdict_cell(label: str, row: dict[str, Any], reference: str) -> str:
+    if label == reference:
+        return "reference"
+    return row["verdict"] or f"{reference} not run yet"
+
+
 def results_table(results: dict[str, Any]) -> Table:
     ref = results["reference"]
     table = Table(title=f"{results['suite']}: last-epoch accuracy, mean ± std over seeds"
@@ -359,7 +365,7 @@ def results_table(results: dict[str, Any]) -> Table:
     for col in columns:
         table.add_column(col, justify="left" if col in ("run", "student", "verdict") else "right")
     for label, r in results["runs"].items():
-        paired = [_fmt_diff(r["vs_reference"]), r["verdict"] or "reference"] if ref else []
+        paired = [_fmt_diff(r["vs_reference"]), _verdict_cell(label, r, ref)] if ref else []
         table.add_row(label, r["student"], str(len(r["seeds"])), _fmt(r["test_acc"]), *paired, _fmt(r["val_acc"]))
     return table
 
@@ -402,7 +408,7 @@ def write_results(suite: Suite, results: dict[str, Any], run_dirs: dict[str, lis
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for label, r in results["runs"].items():
         pair = f"{r['teacher']} -> {r['student']}" if r["teacher"] else r["student"]
-        paired = [_fmt_diff(r["vs_reference"]), r["verdict"] or "reference"] if ref else []
+        paired = [_fmt_diff(r["vs_reference"]), _verdict_cell(label, r, ref)] if ref else []
         cells = [label, pair, str(len(r["seeds"])), _fmt(r["test_acc"]), *paired, _fmt(r["val_acc"]),
                  _fmt(r["best_epoch_test_acc"]), " ".join(f"{a:.2f}" for a in r["per_seed_test_acc"]),
                  f"{r['images_per_s']:,.0f}"]

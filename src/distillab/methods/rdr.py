@@ -100,20 +100,24 @@ def progressive_loss(predictions: list[torch.Tensor], targets: list[torch.Tensor
 # -- student features ---------------------------------------------------------------------------
 def draw_order(steps: int, shuffle: bool = True, device: torch.device | str = "cpu") -> torch.Tensor:
     """The order the branches are taken in this step, as an index tensor on `device`: a fresh permutation (that
-    device's global RNG), or 0..K−1. A tensor, not a list: a compiled step neither breaks its graph nor guards on
-    the order drawn, and a GPU step does not copy it from the host."""
+    device's global RNG), or 0..K−1."""
     return torch.randperm(steps, device=device) if shuffle else torch.arange(steps, device=device)
 
 
 def step_features(outputs: list[torch.Tensor], order: torch.Tensor | Sequence[int],
                   mode: str = "partial_sum") -> list[torch.Tensor]:
-    """z_1..z_K: partial sums z_k = Σ_{j≤k} y_order[j] (`partial_sum`), or single branches y_order[k]."""
-    order = torch.as_tensor(order, dtype=torch.long)
-    taken = torch.stack(outputs).index_select(0, order.to(outputs[0].device, non_blocking=True)).unbind(0)
+    """z_1..z_K: partial sums z_k = Σ_{j≤k} y_order[j] (`partial_sum`), or single branches y_order[k]. Eager, the
+    order is read as Python ints (a host tensor: no device sync, no copy of the outputs); under torch.compile the
+    outputs are stacked and taken by the index tensor, so the graph neither breaks nor guards on the order."""
+    if torch.compiler.is_compiling():
+        index = torch.as_tensor(order, dtype=torch.long).to(outputs[0].device, non_blocking=True)
+        taken = list(torch.stack(outputs).index_select(0, index).unbind(0))
+    else:
+        taken = [outputs[j] for j in (order.tolist() if isinstance(order, torch.Tensor) else order)]
     if mode == "single_branch":
-        return list(taken)
+        return taken
     sums = [taken[0]]
-    for y in taken[1:]:  # added one at a time, in order (as a cumsum would not be, in float32)
+    for y in taken[1:]:  # added one at a time, in order
         sums.append(sums[-1] + y)
     return sums
 
@@ -340,7 +344,8 @@ class RDR(Method):
         teacher_logits = self.teacher_forward(images)
         (teacher_feature,) = self.teacher_tap.take()
         shortcut = feature - layer_output  # what the block adds to the layer's output (0 when nothing)
-        order = draw_order(opts.K, opts.shuffle, images.device)
+        # compiled: drawn on the device, inside the graph; eager: on the host, read without a device sync
+        order = draw_order(opts.K, opts.shuffle, images.device if torch.compiler.is_compiling() else "cpu")
         features = [z + shortcut for z in step_features(outputs, order, opts.features)]
         bridged = self.bridged(features)
         target = as_feature_map(teacher_feature).float()
