@@ -16,11 +16,10 @@ A suite file names the runs to compare, each a config file plus overrides:
       vit_kd: {config: configs/fashion_mnist/kd.yaml, budget: configs/fashion_mnist/_converged_vit.yaml}
 
 A config is read as: the entry's file (with its `base:` files), then the budget's keys over it (the entry's own
-`budget` where it names one), then the
-entry's `set`, then the tuned values, then seed, output_dir and name. Finished runs (those with a
-summary.json) are skipped, so an interrupted suite resumes where it stopped; a run another process is
-training (its run lock is held) is left to that process and waited for at the end, so two `bench suite`
-processes on one suite share its runs. Suites sharing an output directory share the runs they have in
+`budget` where it names one), then the entry's `set`, then the tuned values, then seed, output_dir and name.
+Finished runs (those with a summary.json) are skipped, so an interrupted suite resumes where it stopped; a run
+another process is training (its run lock is held) is left to that process and waited for at the end, so two
+`bench suite` processes on one suite share its runs. Suites sharing an output directory share the runs they have in
 common (same label, same config); a label whose existing run was made from a different config is an error.
 
 Run directories hold checkpoints and are not committed, so each finished run also leaves a small record

@@ -596,6 +596,7 @@ def data_parallel(method: Method, device: torch.device, find_unused_parameters: 
     teacher = [f"teacher.{name}" for name, _ in itertools.chain(method.teacher.named_parameters(),
                                                               method.teacher.named_buffers())
                ] if method.teacher is not None else []
+    # torch's (private, long-standing) hook for this; tests/test_distributed.py pins its effect
     torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, teacher)
     return torch.nn.parallel.DistributedDataParallel(
         method, device_ids=[device.index] if device.type == "cuda" else None,
