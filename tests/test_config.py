@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from distillab import methods
 from distillab.config import ScheduleConfig, load_config
 from distillab.engine.schedule import learning_rate
 from distillab.errors import ConfigError
@@ -120,3 +121,14 @@ def test_a_run_saved_with_an_old_option_name_is_the_same_config(tmp_path):
     assert same_config(saved, load_config(new))
     new.write_text("student: {name: resnet8}\nmethod: {name: dkd, options: {nckd_weight: 6.0, warmup: 2}}\n")
     assert not same_config(saved, load_config(new))
+
+
+def test_a_method_option_set_to_its_default_is_the_same_config(tmp_path):
+    """A tuned value equal to the default trains the same run: a suite may reuse the run made without it."""
+    from distillab.run import same_config
+
+    saved = tmp_path / "config.yaml"
+    saved.write_text("student: {name: resnet8}\nmethod: {name: fitnet}\n")
+    default = methods.get("fitnet").Options().hint_weight
+    assert same_config(saved, load_config(tmp_path / "config.yaml", [f"method.options.hint_weight={default}"]))
+    assert not same_config(saved, load_config(tmp_path / "config.yaml", [f"method.options.hint_weight={default / 10}"]))

@@ -282,13 +282,20 @@ def _trainer(cfg: RunConfig, data: DataSplits, run_id: str, console: Console,
 
 def same_config(saved: Path, cfg: RunConfig) -> bool:
     """Whether a run's saved config describes `cfg`, read with today's defaults (so that a field added to
-    the schema after the run was made, or an option renamed since, does not count as a difference)."""
+    the schema after the run was made, an option renamed since, or a method option set to its default value
+    does not count as a difference)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # old option names in old runs: not the user's to fix
-            return dump_config(load_config(saved)) == dump_config(cfg)
-    except ConfigError:
+            return _resolved(load_config(saved)) == _resolved(cfg)
+    except DistillabError:
         return False
+
+
+def _resolved(cfg: RunConfig) -> str:
+    """`cfg` dumped with every method option given its value (its default where unset)."""
+    options = methods.validate_options(methods.get(cfg.method.name), cfg.method.options).model_dump(mode="json")
+    return dump_config(cfg.model_copy(update={"method": cfg.method.model_copy(update={"options": options})}))
 
 
 def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
