@@ -48,6 +48,11 @@ def test_suite_of_two_methods_two_seeds_aggregates_and_resumes(tmp_path):
     suite_file.write_text(suite_file.read_text().replace("label_smoothing=0.1", "label_smoothing=0.2"))
     with pytest.raises(ConfigError, match="made from another config"):
         run_suite(load_suite(suite_file), seeds=2)
+    # nor is the stale run counted when only the table is written, or when another entry is trained
+    with pytest.raises(ConfigError, match="ce_smooth_s0 exists but was made from another config"):
+        run_suite(load_suite(suite_file), seeds=2, train=False)
+    with pytest.raises(ConfigError, match="ce_smooth_s0 exists but was made from another config"):
+        run_suite(load_suite(suite_file), seeds=2, only=["ce"])
 
 
 def test_a_fresh_clone_restores_finished_runs_from_the_committed_records(tmp_path):

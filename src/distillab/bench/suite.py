@@ -180,13 +180,18 @@ def restore_records(suite: Suite, configs: dict[Any, RunConfig], console: Consol
         console.print(f"restored {restored} finished run(s) from {records_dir(suite)}")
 
 
-def train_all(configs: dict[Any, RunConfig], console: Console) -> None:
-    """Train every config without a summary, skipping (then waiting for) runs another process holds."""
+def check_existing(configs: dict[Any, RunConfig]) -> None:
+    """Refuse a run directory made from another config than its entry's: it would be resumed, or counted, as
+    the entry's run."""
     for cfg in configs.values():
         saved = cfg.run_dir / CONFIG_FILE
         if saved.is_file() and not same_config(saved, cfg):
             raise ConfigError(f"{cfg.run_dir} exists but was made from another config than the suite's entry "
                               f"{cfg.run_name!r}: rename the entry or move the run")
+
+
+def train_all(configs: dict[Any, RunConfig], console: Console) -> None:
+    """Train every config without a summary, skipping (then waiting for) runs another process holds."""
     todo = [key for key, cfg in configs.items() if not (cfg.run_dir / SUMMARY_FILE).is_file()]
     if len(todo) < len(configs):
         console.print(f"{len(configs) - len(todo)} of {len(configs)} runs already finished")
@@ -243,6 +248,7 @@ def tune_suite(suite: Suite, labels: list[str] | None = None, console: Console |
                for label, grid in grids.items() for i, point in enumerate(grid_points(grid))
                for seed in suite.tune.seeds}
     restore_records(suite, configs, console)
+    check_existing(configs)
     if train:
         train_all({k: c for k, c in configs.items() if labels is None or k[0] in labels}, console)
     for cfg in configs.values():
@@ -284,6 +290,7 @@ def run_suite(suite: Suite, seeds: int, console: Console | None = None, only: li
     configs = {(label, seed): entry_config(suite, label, seed, tuned.get(label, []))
                for label in suite.runs if label not in pending for seed in range(seeds)}  # all validated first
     restore_records(suite, configs, console)
+    check_existing(configs)  # every entry, trained now or not: a stale run must not be counted either
     if train:
         train_all({k: c for k, c in configs.items() if k[0] in labels}, console)
     summaries = {k: s for k, c in configs.items() if (s := _finished(c)) is not None}

@@ -63,13 +63,15 @@ def plot_search_dynamics(run_dir: Path, path: Path) -> Path | None:
     axes = fig.subplots(2, len(groups), squeeze=False)
     for col, g in enumerate(groups):
         rows = [r for r in records if f"{prefix}g{g}_alpha_0" in r]
-        x = np.arange(len(rows))
+        x = np.arange(len(rows)) + (1 if prefix else 0)  # steps from 0, epochs of the group from 1
+        ts_dot, st_dot = ("o", "x") if prefix else ("", "")  # per-epoch means: few points (one pass per group: one)
         candidates = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r if k.startswith(f"{prefix}g{g}_alpha_")})
         for j in candidates:
-            line, = axes[0, col].plot(x, [r[f"{prefix}g{g}_ts_grad_{j}"] for r in rows], label=f"TS, block {j}")
-            axes[0, col].plot(x, [r[f"{prefix}g{g}_st_grad_{j}"] for r in rows], "--", color=line.get_color(),
+            line, = axes[0, col].plot(x, [r[f"{prefix}g{g}_ts_grad_{j}"] for r in rows], f"{ts_dot}-",
+                                     label=f"TS, block {j}")
+            axes[0, col].plot(x, [r[f"{prefix}g{g}_st_grad_{j}"] for r in rows], f"{st_dot}--", color=line.get_color(),
                               label=f"ST, block {j}")
-            axes[1, col].plot(x, [r[f"{prefix}g{g}_alpha_{j}"] for r in rows], color=line.get_color(),
+            axes[1, col].plot(x, [r[f"{prefix}g{g}_alpha_{j}"] for r in rows], f"{ts_dot}-", color=line.get_color(),
                               label=f"block {j}")
         axes[0, col].axhline(0.0, color="grey", lw=0.5)
         axes[0, col].set_title(f"group {g}: gradient on beta", fontsize=9)
