@@ -4,6 +4,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from distillab.bench.plots import curves_of
@@ -139,6 +140,9 @@ def test_suite_pairs_every_run_with_the_reference_by_seed(tmp_path):
     assert saved["runs"]["ce_smooth"]["per_seed_test_acc"] == [summaries[("ce_smooth", s)]["test_acc"] for s in (0, 1)]
     md = (tmp_path / "results" / "paired.md").read_text()
     assert "| ce | resnet8 | 2 |" in md and f"{row['vs_reference']['mean']:+.2f} [" in md
+    device = summaries[("ce", 0)]["environment"]["device"]  # every machine a row's runs came from, counted
+    assert results["environment"]["devices"] == {device: 4} and f"{device} (4 runs)" in md
+    assert summaries[("ce", 0)]["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert (tmp_path / "results" / "paired.png").read_bytes()[:4] == b"\x89PNG"
 
 

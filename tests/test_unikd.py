@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from distillab import methods, models
 from distillab.config import load_config
@@ -423,3 +424,20 @@ def test_with_its_feature_terms_at_zero_unikd_trains_the_student_exactly_as_dkd(
     assert grads["unikd_loss"] == pytest.approx(grads["dkd_loss"], rel=1e-6)
     for key, value in grads["dkd"].items():
         torch.testing.assert_close(grads["unikd"][key], value, rtol=1e-5, atol=1e-7)
+
+
+def test_with_its_feature_terms_at_zero_a_unikd_run_ends_with_dkds_weights_bit_for_bit(tmp_path, digits_teacher):
+    """Through the engine (dkd reads cached teacher logits, unikd runs the teacher live): the trained students are
+    identical, so any gap between unikd_no_feat and dkd in a table is not a coupling of the side modules."""
+    weights, cache_s = {}, {}
+    for name, extra in (("dkd", []), ("unikd", ["method.options.feat_weight=0", "method.options.supp_weight=0"])):
+        cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", f"name={name}", f"method.name={name}",
+                                 "train.epochs=2", "data.augment.crop_padding=0", "method.options.nckd_weight=2",
+                                 "method.options.warmup=2", "teacher.name=resnet8",
+                                 f"teacher.checkpoint={digits_teacher}", *extra], base={"student": {"name": "resnet8"}})
+        cache_s[name] = train_run(cfg).get("teacher_cache_s")
+        weights[name] = load_file(cfg.run_dir / "student.safetensors")
+    assert cache_s["dkd"] is not None and cache_s["unikd"] is None
+    assert weights["dkd"].keys() == weights["unikd"].keys()
+    for key, value in weights["dkd"].items():
+        assert torch.equal(weights["unikd"][key], value), key

@@ -34,6 +34,7 @@ import itertools
 import json
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -339,7 +340,9 @@ def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]], tu
             "student": runs[0]["student"],
         }
     first = next(iter(summaries.values()))
-    return {"suite": suite.name, "dataset": first["dataset"], "environment": first["environment"],
+    devices = Counter(s["environment"]["device"] for s in summaries.values())
+    return {"suite": suite.name, "dataset": first["dataset"],
+            "environment": {**first["environment"], "devices": dict(devices.most_common())},
             "seeds_requested": seeds, "reference": suite.reference,
             "budget": str(suite.budget) if suite.budget else None, "runs": rows,
             "not_run": [label for label in suite.runs if label not in rows]}
@@ -396,8 +399,8 @@ def write_results(suite: Suite, results: dict[str, Any], run_dirs: dict[str, lis
         f"Dataset {results['dataset']}"
         + (f", budget `{results['budget']}`" if results["budget"] else "")
         + f"; last-epoch test accuracy (validation accuracy beside it), mean ± std over seeds; best-epoch test "
-        f"accuracy only for comparison with published tables. torch {env['torch']}, {env['device']}, "
-        f"{env['threads']} threads.",
+        f"accuracy only for comparison with published tables. torch {env['torch']}, {env['threads']} threads, "
+        + ", ".join(f"{device} ({count} runs)" for device, count in env["devices"].items()) + ".",
     ]
     if ref:
         lines += ["", f"`- {ref}`: the per-seed difference to `{ref}` (same seeds), its mean and 95 % confidence "

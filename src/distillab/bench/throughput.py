@@ -104,6 +104,7 @@ def measure(spec: ThroughputSpec, console: Console | None = None) -> dict[str, A
         "spec": {**asdict(spec), "input_shape": list(spec.input_shape)},
         "environment": {"torch": torch.__version__, "distillab": distillab.__version__,
                         "device": device_name(device), "threads": torch.get_num_threads(),
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "python": platform.python_version()},
         "bound": {"images_per_s": bound_rate, "before": before, "after": after,
                   "drift": after["images_per_s"] / before["images_per_s"] - 1.0},

@@ -583,6 +583,7 @@ class Trainer:
             "wall_time_s": wall_s,
             "environment": {"torch": torch.__version__, "distillab": distillab.__version__,
                             "device": device_name(self.device), "threads": torch.get_num_threads(),
+                            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                             "world_size": self.world.world_size,
                             "python": platform.python_version()},
         }
