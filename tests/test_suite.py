@@ -140,9 +140,16 @@ def test_suite_pairs_every_run_with_the_reference_by_seed(tmp_path):
     assert saved["runs"]["ce_smooth"]["per_seed_test_acc"] == [summaries[("ce_smooth", s)]["test_acc"] for s in (0, 1)]
     md = (tmp_path / "results" / "paired.md").read_text()
     assert "| ce | resnet8 | 2 |" in md and f"{row['vs_reference']['mean']:+.2f} [" in md
-    device = summaries[("ce", 0)]["environment"]["device"]  # every machine a row's runs came from, counted
-    assert results["environment"]["devices"] == {device: 4} and f"{device} (4 runs)" in md
-    assert summaries[("ce", 0)]["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    env = summaries[("ce", 0)]["environment"]  # every machine a row's runs came from, with its instruction set
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    machine = f"{env['device']}, {env['cpu_capability']}"
+    assert results["environment"]["devices"] == {machine: 4} and f"{machine} (4 runs)" in md
+    assert "more than one machine" not in md
+    moved = tmp_path / "runs" / "ce_smooth_s1" / "summary.json"  # as if that run had been made elsewhere
+    moved.write_text(json.dumps({**summaries[("ce_smooth", 1)], "environment": {**env, "device": "Other CPU"}}))
+    assert main(["bench", "suite", str(suite_file), "--seeds", "2", "--no-train"]) == 0
+    md = (tmp_path / "results" / "paired.md").read_text()
+    assert f"{machine} (3 runs), Other CPU, {env['cpu_capability']} (1 runs)" in md and "more than one machine" in md
     assert (tmp_path / "results" / "paired.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -340,12 +340,18 @@ def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]], tu
             "student": runs[0]["student"],
         }
     first = next(iter(summaries.values()))
-    devices = Counter(s["environment"]["device"] for s in summaries.values())
+    devices = Counter(_machine(s["environment"]) for s in summaries.values())
     return {"suite": suite.name, "dataset": first["dataset"],
             "environment": {**first["environment"], "devices": dict(devices.most_common())},
             "seeds_requested": seeds, "reference": suite.reference,
             "budget": str(suite.budget) if suite.budget else None, "runs": rows,
             "not_run": [label for label in suite.runs if label not in rows]}
+
+
+def _machine(env: dict[str, Any]) -> str:
+    """The machine a run names: its device, and the CPU's vector instruction set where the run recorded it (a
+    seed's trajectory depends on it: docs/benchmarks.md, Reproducibility)."""
+    return f"{env['device']}, {env['cpu_capability']}" if env.get("cpu_capability") else env["device"]
 
 
 def _fmt(stats: dict[str, float] | None) -> str:
@@ -405,7 +411,10 @@ def write_results(suite: Suite, results: dict[str, Any], run_dirs: dict[str, lis
     if ref:
         lines += ["", f"`- {ref}`: the per-seed difference to `{ref}` (same seeds), its mean and 95 % confidence "
                       "interval (t distribution, n-1 degrees of freedom); `better`/`worse` only when the interval "
-                      "excludes 0, else `tie`."]
+                      "excludes 0, else `tie`."
+                  + (" The runs come from more than one machine, and a seed follows a different trajectory on "
+                     "each (docs/benchmarks.md, Reproducibility): a pair then shares its settings, not its random "
+                     "path." if len(env["devices"]) > 1 else "")]
     if short or results["not_run"]:
         lines += ["", f"**Incomplete**: {n} seeds requested; "
                   + "; ".join(filter(None, [
