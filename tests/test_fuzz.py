@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -107,3 +108,57 @@ def finished_run(tmp_path_factory):
     path.write_text(yaml.safe_dump({**BASE, "output_dir": str(tmp / "runs"), "name": "done"}))
     assert run(["train", str(path)])[0] == 0
     return tmp / "runs" / "done"
+
+
+# -------------------------------------------------------------------- hand-edited checkpoints and run directories
+CHECKPOINT_FIELDS = ["epoch", "step", "partial", "method", "method_extra", "optimizer", "scaler", "rng_cpu",
+                     "rng_cuda", "run_id", "config", "config_sha256", "version"]
+tensor_junk = st.builds(lambda n, dtype: torch.zeros(n, dtype=dtype), st.integers(0, 6000),
+                        st.sampled_from([torch.uint8, torch.float32, torch.int64]))
+checkpoint_edit = st.tuples(st.sampled_from(CHECKPOINT_FIELDS),
+                            st.one_of(st.just("<delete>"), junk, tensor_junk, st.dictionaries(st.text(max_size=3),
+                                                                                              junk, max_size=2)))
+run_file_edit = st.tuples(st.sampled_from(["config.yaml", "metrics.jsonl", ".distillab-run", "summary.json"]),
+                          st.sampled_from(["<delete>", "", "{", "[1, 2]", "epoch: x", '{"epoch": "1"}', "\x00\xff",
+                                           "seed: true", "student: {name: 'module:os:getcwd'}", "a: &a [*a]"]))
+
+
+def edit_run(run_dir: Path, checkpoint_edits, file_edits) -> None:
+    import distillab.engine.checkpoint as ckpt
+
+    path = run_dir / ckpt.CHECKPOINT_FILE
+    state = torch.load(path, weights_only=True)
+    for field, value in checkpoint_edits:
+        if value == "<delete>":
+            state.pop(field, None)
+        else:
+            state[field] = value
+    torch.save(state, path)
+    for name, text in file_edits:
+        if text == "<delete>":
+            (run_dir / name).unlink(missing_ok=True)
+        else:
+            (run_dir / name).write_text(text, errors="surrogateescape")
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=list(HealthCheck),
+          derandomize="FUZZ_EXAMPLES" not in os.environ)
+@given(checkpoint_edits=st.lists(checkpoint_edit, max_size=2), file_edits=st.lists(run_file_edit, max_size=2),
+       command=st.sampled_from(["resume", "eval", "export", "report"]))
+def test_hand_edited_checkpoints_and_run_directories_fail_in_one_line_and_lose_nothing(
+        finished_run, checkpoint_edits, file_edits, command):
+    import shutil
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "runs" / "done"
+        shutil.copytree(finished_run, run_dir)
+        edit_run(run_dir, checkpoint_edits, file_edits)
+        before = snapshot(run_dir)
+        argv = {"resume": ["train", "--resume", str(run_dir), "--set", "train.epochs=2"],
+                "eval": ["eval", str(run_dir)],
+                "export": ["export", str(run_dir), "--output", str(Path(tmp) / "out.safetensors")],
+                "report": ["report", str(run_dir), "--output", str(Path(tmp) / "r.png")]}[command]
+        code, err = run(argv)
+        check(code, err)
+        if code == 2 or command != "resume":
+            assert snapshot(run_dir) == before

@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distillab: interrupted", file=sys.stderr)
         return 130
+    except (OSError, MemoryError) as exc:  # the machine's, not the input's: still one line (--debug: traceback)
+        if args.debug:
+            raise
+        what = "out of memory" if isinstance(exc, MemoryError) else (exc.strerror or str(exc)).lower()
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"distillab: error: {one_line(what)}{where}", file=sys.stderr)
+        return 2
 
 
 def one_line(text: str) -> str:
@@ -56,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=Path, metavar="FILE",
                    help="a config file laid over the config (e.g. configs/fashion_mnist/_converged.yaml)")
     p.add_argument("--force", action="store_true", help="start an existing run directory again from scratch")
+    _allow_code_flag(p)
     _debug_flag(p)
     p.set_defaults(func=_train)
 
@@ -77,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's config (e.g. data.root)")
+    _allow_code_flag(p)
     _debug_flag(p)
     p.set_defaults(func=_eval)
 
@@ -89,6 +98,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="file to write (default RUN_DIR/exported_student.<ext>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's config (e.g. method.options.fuse_bn=true, data.root)")
+    p.add_argument("--force", action="store_true", help="replace an existing output file (never one of a run's own)")
+    _allow_code_flag(p)
     _debug_flag(p)
     p.set_defaults(func=_export)
 
@@ -148,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=Path("report.png"), help="curves PNG (default report.png)")
     p.add_argument("--group-seeds", action="store_true",
                    help="one line per run name without its _s<seed> suffix (mean and +- 1 std band)")
+    p.add_argument("--force", action="store_true", help="replace an existing --output file distillab did not write")
     _debug_flag(p)
     p.set_defaults(func=_report)
 
@@ -169,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _allow_code_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-code", action="store_true",
+                   help="let the run directory's config import and run code (module: models); without it such a "
+                   "config is refused, as a run directory may come from someone else")
+
+
 def _debug_flag(p: argparse.ArgumentParser) -> None:
     """`--debug` accepted after the subcommand too (SUPPRESS keeps it from resetting the global flag)."""
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -184,7 +202,7 @@ def _train(args: argparse.Namespace) -> int:
                                  "(use --set to change a field, e.g. train.epochs)")
         if args.budget is not None:
             raise DistillabError("with --resume the run's own config.yaml is used: drop --budget")
-        cfg = load_run_config(args.resume, args.overrides)
+        cfg = load_run_config(args.resume, args.overrides, allow_code=args.allow_code)
     elif args.config is None:
         raise DistillabError("train needs a config file (or --resume RUN_DIR)")
     else:
@@ -206,11 +224,13 @@ def _search(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from distillab import models
     from distillab.engine.checkpoint import load_weights, save_safetensors
+    from distillab.run import refuse_inside_runs
 
-    if args.output.exists() and not args.force:
-        raise DistillabError(f"{args.output} exists: pass --force to overwrite it")
     if args.output.is_dir():
         raise DistillabError(f"{args.output} is a directory: name the .safetensors file to write")
+    refuse_inside_runs(args.output, "output")
+    if args.output.exists() and not args.force:
+        raise DistillabError(f"{args.output} exists: pass --force to overwrite it")
     model = models.build(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
     load_weights(model, args.input, args.model)  # any known layout, checked key by key
     save_safetensors(model, args.output, metadata={"model": args.model, "converted_from": str(args.input)})
@@ -227,7 +247,7 @@ def _eval(args: argparse.Namespace) -> int:
     from distillab.engine.trainer import resolve_device
     from distillab.run import load_run_config
 
-    cfg = load_run_config(args.run_dir, args.overrides)
+    cfg = load_run_config(args.run_dir, args.overrides, allow_code=args.allow_code)
     data = load_splits(cfg.data)
     student = models.build(cfg.student.name, num_classes=data.num_classes, in_channels=data.image_shape[0],
                            **cfg.student.kwargs)
@@ -248,7 +268,8 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from distillab.export import export_run
 
-    done = export_run(args.run_dir, args.output, args.overrides, args.format)
+    done = export_run(args.run_dir, args.output, args.overrides, args.format, force=args.force,
+                      allow_code=args.allow_code)
     at = f"epoch {done.epoch}" + (f", step {done.step}" if done.step else "")
     Console().print(f"[bold green]wrote[/] {done.path} ({done.format}): {done.model} ({done.parameters:,} "
                     f"parameters), deployed by {done.method} from the checkpoint at {at}")
@@ -258,6 +279,8 @@ def _export(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from distillab.demo import run_demo
 
+    if args.seeds < 1:
+        raise DistillabError(f"--seeds must be at least 1, got {args.seeds}")
     run_demo(args.output_dir, seeds=args.seeds, force=args.force)
     return 0
 
@@ -324,8 +347,12 @@ def _bench_throughput(args: argparse.Namespace) -> int:
                           fold_teacher_bn=args.fold_teacher_bn, options=options)
     if args.channels_last is not None:
         spec.channels_last = args.channels_last
-    if args.output is not None and args.output.exists() and not args.force:
-        raise DistillabError(f"--output {args.output} exists: pass --force to overwrite it, or name a new file")
+    if args.output is not None:
+        from distillab.run import refuse_inside_runs
+
+        refuse_inside_runs(args.output)
+        if args.output.exists() and not args.force:
+            raise DistillabError(f"--output {args.output} exists: pass --force to overwrite it, or name a new file")
     console = Console()
     result = measure(spec, console)
     output = args.output or unused_path(default_output(spec))
@@ -339,7 +366,7 @@ def _bench_throughput(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from distillab.bench.report import report
 
-    table, figure = report(args.run_dirs, args.output, group_seeds=args.group_seeds)
+    table, figure = report(args.run_dirs, args.output, group_seeds=args.group_seeds, force=args.force)
     console = Console()
     console.print(table)
     console.print(f"curves: {figure}" if figure else "no finished epoch yet: no curves drawn")
@@ -360,6 +387,9 @@ def _configs(args: argparse.Namespace) -> int:
                              "configs`)")
     name = args.name.removeprefix("configs/")
     source = PACKAGED_CONFIGS / name
+    if not source.resolve().is_relative_to(PACKAGED_CONFIGS.resolve()):
+        raise DistillabError(f"{args.name!r} is not a shipped config (see `distillab configs`): name one relative to "
+                             "configs/, e.g. cifar100/kd")
     if not source.exists() and (PACKAGED_CONFIGS / f"{name}.yaml").is_file():
         source = PACKAGED_CONFIGS / f"{name}.yaml"
     if not source.exists():

@@ -8,26 +8,59 @@ from __future__ import annotations
 import difflib
 import reprlib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from distillab.errors import ConfigError, DistillabError
 
-MAX_YAML_ALIASES = 64  # a config needs few; an "alias bomb" uses a handful to expand into billions of nodes
+MAX_YAML_NODES = 100_000  # after expanding aliases: a config has hundreds; an "alias bomb" expands into billions
+MAX_YAML_DEPTH = 64  # a config nests a few levels; 50,000 brackets would exhaust the composer's recursion
 
 
 class BoundedLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a document with more than MAX_YAML_ALIASES aliases (`*name`)."""
+    """yaml.SafeLoader that bounds a document's expanded size (each alias counted as the nodes it repeats) and
+    nesting depth, and refuses a mapping that names a key twice (YAML's "last one wins" hides typos)."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> its node count with aliases expanded
 
     def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            self.aliases_seen = getattr(self, "aliases_seen", 0) + 1
-            if self.aliases_seen > MAX_YAML_ALIASES:
-                raise ConfigError(f"more than {MAX_YAML_ALIASES} YAML aliases (*name): refused, as an alias "
-                                  "bomb would expand without bound")
-        return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"YAML nested more than {MAX_YAML_DEPTH} levels deep (line {mark.line + 1}): "
+                                  "refused")
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if id(node) not in self._sizes:  # an alias returns a node already counted: its size is added below
+            children = (node.value if isinstance(node, yaml.SequenceNode) else
+                        [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+            size = 1 + sum(self._sizes[id(child)] for child in children)
+            if size > MAX_YAML_NODES:
+                raise ConfigError(f"YAML expands to more than {MAX_YAML_NODES:,} nodes (line "
+                                  f"{node.start_mark.line + 1}; aliases counted as what they repeat): refused, as "
+                                  "an alias bomb would exhaust memory")
+            self._sizes[id(node)] = size
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], int] = {}
+            for key, _value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    line = key.start_mark.line + 1
+                    if (key.tag, key.value) in seen:
+                        raise ConfigError(f"key {key.value!r} appears twice in one mapping (lines "
+                                          f"{seen[key.tag, key.value]} and {line}): keep one")
+                    seen[key.tag, key.value] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def safe_yaml(text: str, where: str = "") -> Any:
@@ -52,24 +85,66 @@ def read_text(path: Path) -> str:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
+def refuse_bool_numbers(model: type[BaseModel], field: str, value: Any) -> Any:
+    """`true` where a number is expected is an error, not 1 (pydantic's lax mode would take it as 1)."""
+    if isinstance(value, bool) and _numeric_only(model.model_fields[field].annotation):
+        raise ValueError("a boolean is not a number")
+    return value
+
+
+def _numeric_only(annotation: Any) -> bool:
+    """Whether a field's type takes int or float but not bool (looking through Optional and Annotated)."""
+    types: list[Any] = []
+    todo = [annotation]
+    while todo:
+        t = todo.pop()
+        if get_origin(t) in (Union, UnionType, Annotated):
+            todo.extend(get_args(t)[:1] if get_origin(t) is Annotated else get_args(t))
+        else:
+            types.append(t)
+    return bool not in types and any(t in (int, float) for t in types)
+
+
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_numbers(cls, info.field_name, value)
+
+
+MAX_CHANNELS = 64
+MAX_IMAGE_SIDE = 4096
+MAX_SYNTHETIC_BYTES = 4 << 30  # the synthetic images are held in memory as uint8
 
 
 class AugmentConfig(StrictModel):
     """Batch augmentation done on the device: random crop with zero padding, horizontal flip."""
 
-    crop_padding: int = Field(4, ge=0, description="pixels of zero padding before the random crop; 0 = off")
+    crop_padding: int = Field(4, ge=0, le=MAX_IMAGE_SIDE, description="pixels of zero padding before the random "
+                              "crop (at most the image's side); 0 = off")
     flip: bool = Field(True, description="random horizontal flip with probability 1/2")
 
 
 class SyntheticConfig(StrictModel):
     """Random images and labels of a given shape: for throughput measurements, never for accuracy."""
 
-    image_shape: tuple[PositiveInt, PositiveInt, PositiveInt] = (3, 32, 32)
-    num_classes: int = Field(100, gt=1)
+    image_shape: tuple[Annotated[int, Field(gt=0, le=MAX_CHANNELS)], Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)],
+                       Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)]] = (3, 32, 32)
+    num_classes: int = Field(100, gt=1, le=1_000_000)
     train_size: int = Field(2048, gt=0)
     test_size: int = Field(512, gt=0)
+
+    @model_validator(mode="after")
+    def _fits_in_memory(self) -> SyntheticConfig:
+        c, h, w = self.image_shape
+        size = (self.train_size + self.test_size) * c * h * w
+        if size > MAX_SYNTHETIC_BYTES:
+            raise ValueError(f"{self.train_size + self.test_size:,} images of {c}x{h}x{w} take {size / 2**30:,.1f} "
+                             f"GiB, over the {MAX_SYNTHETIC_BYTES >> 30} GiB limit of synthetic data: lower "
+                             "train_size, test_size or image_shape")
+        return self
 
 
 class DataConfig(StrictModel):
@@ -104,6 +179,15 @@ class ModelConfig(StrictModel):
     sha256: str | None = Field(None, pattern="^[0-9a-f]{64}$",
                                description="expected SHA-256 of the weights file; a different file is refused")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments of the zoo factory")
+
+    @field_validator("kwargs")
+    @classmethod
+    def _not_set_by_the_data(cls, kwargs: dict[str, Any]) -> dict[str, Any]:
+        taken = sorted(set(kwargs) & {"num_classes", "in_channels", "input_size"})
+        if taken:
+            raise ValueError(f"{', '.join(taken)} come{'s' if len(taken) == 1 else ''} from the data, not from kwargs: "
+                             "remove " + ("it" if len(taken) == 1 else "them"))
+        return kwargs
 
 
 class MethodConfig(StrictModel):

@@ -23,9 +23,16 @@ import torch
 from torch import nn
 
 from distillab.data import DataSplits, load_splits
-from distillab.engine.checkpoint import CHECKPOINT_FILE, atomic_write, load_checkpoint, save_safetensors
+from distillab.engine.checkpoint import (
+    CHECKPOINT_FILE,
+    atomic_write,
+    check_training_state,
+    describe_write_failure,
+    load_checkpoint,
+    save_safetensors,
+)
 from distillab.errors import CheckpointError, ConfigError, DistillabError
-from distillab.run import build_method, load_run_config
+from distillab.run import build_method, load_run_config, refuse_inside_runs
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torch-export": ".pt2"}
 EXPORT_STEM = "exported_student"
@@ -58,18 +65,20 @@ def model_card(model: str, kwargs: dict[str, Any], data: DataSplits, method: str
 
 
 def export_run(run_dir: str | Path, output: str | Path | None = None, overrides: list[str] = (),
-               format: str = "safetensors") -> Exported:
+               format: str = "safetensors", force: bool = False, allow_code: bool = False) -> Exported:
     """Write the deployed student of `run_dir` to `output` (default `RUN_DIR/exported_student.<ext>`).
 
     `overrides` change fields of the run's config first (e.g. `method.options.fuse_bn=true`, `data.root=...`).
+    An existing file is replaced only with `force` (see `check_output`); `allow_code`: see `load_run_config`.
     """
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     run_dir = Path(run_dir)
-    if output is not None and Path(output).is_dir():
-        raise DistillabError(f"--output {output} is a directory: name the {FORMATS[format]} file to write")
-    cfg = load_run_config(run_dir, overrides)
+    path = Path(output) if output is not None else run_dir / (EXPORT_STEM + FORMATS[format])
+    check_output(path, run_dir, force, FORMATS[format])
+    cfg = load_run_config(run_dir, overrides, allow_code=allow_code)
     state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    check_training_state(state, run_dir / CHECKPOINT_FILE)
     data = load_splits(cfg.data)
     method, _ = build_method(cfg, data)
     try:
@@ -80,10 +89,38 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, overrides:
     method.close()  # the method's feature taps off the student before it is traced
     card = model_card(cfg.student.name, cfg.student.kwargs, data, cfg.method.name,
                       bool(cfg.method.options.get("fuse_bn", False)))
-    path = Path(output) if output is not None else run_dir / (EXPORT_STEM + FORMATS[format])
-    export_model(student, path, card, format)
+    try:
+        export_model(student, path, card, format)
+    except (OSError, RuntimeError) as exc:
+        raise DistillabError(f"{describe_write_failure(exc)} while writing {path}") from None
     return Exported(path, cfg.student.name, cfg.method.name, sum(p.numel() for p in student.parameters()),
-                    int(state["epoch"]), int(state.get("step", 0)), format)
+                    state["epoch"], state["step"], format)
+
+
+def check_output(path: Path, run_dir: Path, force: bool, suffix: str) -> None:
+    """Where an export may write: never inside a run directory other than `run_dir` (nor its stages), inside
+    `run_dir` only beside its files and never over one of them, and over an existing file only with `force`."""
+    if path.is_dir():
+        raise DistillabError(f"--output {path} is a directory: name the {suffix} file to write")
+    own, target = run_dir.resolve(), path.expanduser().resolve()
+    if own in target.parents and target.parent != own:
+        raise DistillabError(f"--output {path}: inside the run's {target.parent.relative_to(own)} folder, which "
+                             "holds the run's own files: write beside them, or outside the run")
+    if own not in target.parents:
+        refuse_inside_runs(path)
+    if path.exists():
+        if target.parent == own and not _is_export(path):
+            raise DistillabError(f"--output {path}: one of the run's own files, which export never replaces")
+        if not force:
+            raise DistillabError(f"--output {path} exists: pass --force to replace it, or name a new file")
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        read_card(path)
+    except Exception:  # any file that does not read as an export is not one
+        return False
+    return True
 
 
 def export_model(model: nn.Module, path: Path, card: dict[str, Any], format: str = "safetensors") -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -19,10 +20,17 @@ from distillab.config import RunConfig, dump_config, format_validation_error, lo
 from distillab.data import DataSplits, load_splits
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights, write_text_atomic
 from distillab.engine.cpu_memory import keep_freed_memory
-from distillab.engine.distributed import barrier, init_world
-from distillab.engine.lock import LOCK_FILE, RunLock, RunLockedError
+from distillab.engine.distributed import World, barrier, broadcast_flag, init_world, local_device
+from distillab.engine.lock import LOCK_FILE, RunLock
 from distillab.engine.trackers import check_trackers
-from distillab.engine.trainer import SUMMARY_FILE, Trainer, TrainingStopped, resolve_device
+from distillab.engine.trainer import (
+    SUMMARY_FILE,
+    Trainer,
+    TrainingStopped,
+    check_batch,
+    check_setup,
+    resolve_device,
+)
 from distillab.errors import CheckpointError, ConfigError, DistillabError
 
 CONFIG_FILE = "config.yaml"
@@ -94,21 +102,22 @@ def build_method(cfg: RunConfig, data: DataSplits) -> tuple[methods.Method, dict
     return method, info
 
 
+class RunExistsError(DistillabError):
+    """The run directory already holds a run, and neither --resume nor --force was given."""
+
+
 def check_run_dir(run_dir: Path, resume: bool, force: bool, staged: bool = False) -> None:
     """A run directory is never overwritten unless `force`; `resume` continues one in place (a `staged` run
-    also when only its earlier stages have begun).
+    also when only its earlier stages have begun). Judged under the run's lock (`claim_run_dir`).
 
     `force` deletes only a directory that is provably a distillab run: it carries the run marker, it is not a
     symbolic link, and it resolves to a child of the output directory.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise DistillabError(f"{run_dir} is a file, not a run directory: choose another name or output_dir")
-    holder = RunLock(run_dir).holder()
-    if holder is not None:
-        raise RunLockedError(f"{run_dir} is in use by {holder}: wait for it to finish, or stop it and --resume")
     exists = holds_a_run(run_dir)
     if exists and not (resume or force):
-        raise DistillabError(f"{run_dir} already exists: pass --resume to continue it or --force to "
+        raise RunExistsError(f"{run_dir} already exists: pass --resume to continue it or --force to "
                              "start it again from scratch")
     if resume and not exists:
         raise DistillabError(f"{run_dir}: nothing to resume (no such run)")
@@ -132,20 +141,67 @@ def holds_a_run(run_dir: Path) -> bool:
     return run_dir.is_dir() and any(p.name not in (RUN_MARKER, LOCK_FILE) for p in run_dir.iterdir())
 
 
-def claim_run_dir(run_dir: Path, force: bool, run_id: str | None = None) -> RunLock:
-    """Create the run directory with its marker (naming `run_id`) and take its lock; with `force`, first delete
-    the old run (which `check_run_dir` has proved to be one). A marker that names a run id is kept."""
+def claim_run_dir(run_dir: Path) -> tuple[RunLock, list[Path]]:
+    """Take the run directory's lock (creating the directory, and its parents, as needed) before anything judges
+    its state, so that two processes never both decide to train it. Returns the lock and the directories made
+    for it, deepest first (`unclaim` removes them if the run never starts)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise DistillabError(f"{run_dir} is a file, not a run directory: choose another name or output_dir")
+    made, path = [], run_dir
+    while not path.exists() and path != path.parent:
+        made.append(path)
+        path = path.parent
     try:
-        if force and run_dir.is_dir() and (run_dir / RUN_MARKER).is_file() and not run_dir.is_symlink():
-            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(run_dir).acquire()
-        if read_run_id(run_dir) is None:  # new, or made before markers named their run
-            (run_dir / RUN_MARKER).write_text("a distillab run directory: `--force` may delete it and all it holds\n"
-                                              f"run_id: {run_id or uuid.uuid4().hex}\n")
+        return RunLock(run_dir).acquire(), made
     except OSError as exc:
+        _remove_empty(made)
         raise DistillabError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from None
-    return lock
+
+
+def unclaim(lock: RunLock, made: list[Path]) -> None:
+    """Undo `claim_run_dir` for a run that never started: the lock file and the directories made, if empty."""
+    if made:
+        lock.path.unlink(missing_ok=True)
+    lock.release()
+    _remove_empty(made)
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for path in dirs:
+        try:
+            path.rmdir()
+        except OSError:
+            return  # not empty (another process is using it) or not removable: leave it and its parents
+
+
+def prepare_run_dir(run_dir: Path, clear: bool, run_id: str) -> None:
+    """Under the run's lock: with `clear` (--force, proved a distillab run by `check_run_dir`) delete the old run
+    but the lock file; then write the marker naming `run_id`, unless one names a run already."""
+    try:
+        if clear:
+            for child in run_dir.iterdir():
+                if child.name != LOCK_FILE:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if read_run_id(run_dir) is None:  # new, cleared, or made before markers named their run
+            write_text_atomic(run_dir / RUN_MARKER, "a distillab run directory: `--force` may delete it and all it "
+                              f"holds\nrun_id: {run_id}\n")
+    except OSError as exc:
+        raise DistillabError(f"cannot prepare the run directory {run_dir}: {exc.strerror or exc}") from None
+
+
+def run_holding(path: Path) -> Path | None:
+    """The run directory (one with a run marker) that `path` would lie inside, or None."""
+    return next((folder for folder in Path(path).expanduser().resolve().parents if (folder / RUN_MARKER).is_file()),
+                None)
+
+
+def refuse_inside_runs(path: Path, option: str = "--output") -> None:
+    """A command other than training never writes into a run directory: refused with one line."""
+    run = run_holding(path)
+    if run is not None:
+        raise DistillabError(f"{option} {path}: inside the run directory {run}, which this command does not write "
+                             "into: name a file outside it")
 
 
 def read_run_id(run_dir: Path) -> str | None:
@@ -164,19 +220,25 @@ RESUME_MAY_CHANGE = ("name", "output_dir", "data.root", "data.download", "train.
                      "train.log_steps", "train.eval_batch_size")
 
 
-def resume_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
-    """The fields in which `cfg` differs from the run's saved config; an unsafe change is refused."""
-    try:
-        saved = load_config(run_dir / CONFIG_FILE).model_dump(mode="json")
-    except ConfigError as exc:
-        raise DistillabError(f"{run_dir / CONFIG_FILE}: the run's saved config no longer loads: {exc}") from None
-    changed = _differences(saved, cfg.model_dump(mode="json"))
+def resume_changes(saved: dict[str, Any], cfg: RunConfig, source: str) -> list[str]:
+    """The fields in which `cfg` differs from the `saved` resolved config (read from `source`); an unsafe change
+    is refused, naming the fields."""
+    changed = _differences(saved, resolved_config(cfg))
     unsafe = [k for k in changed if not any(k == ok or k.startswith(ok + ".") for ok in RESUME_MAY_CHANGE)]
     if unsafe:
-        raise DistillabError(f"--resume: {', '.join(unsafe)} changed from the run's config.yaml; a resumed run "
-                             "must keep its data, models, method and optimisation (only "
-                             "epochs, device, logging and data.root may change): start a new run instead")
+        raise DistillabError(f"--resume: {', '.join(unsafe)} differ{'s' if len(unsafe) == 1 else ''} from {source}; "
+                             "a resumed run must keep its data, models, method and optimisation (only epochs, "
+                             "device, logging and data.root may change; an edited config.yaml does not count): "
+                             "start a new run instead")
     return [k for k in changed if k not in ("name", "output_dir")]
+
+
+def saved_run_config(run_dir: Path) -> dict[str, Any]:
+    """A run's config.yaml, resolved: what a resume is compared with when no checkpoint records its config."""
+    try:
+        return resolved_config(load_config(run_dir / CONFIG_FILE))
+    except ConfigError as exc:
+        raise DistillabError(f"{run_dir / CONFIG_FILE}: the run's saved config no longer loads: {exc}") from None
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -208,9 +270,16 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None,
-              on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+              on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None,
+              skip_finished: bool = False) -> dict[str, Any]:
     """Train the run described by `cfg` into `cfg.run_dir` (a multi-stage method's earlier stages first, each
-    into <run>/stages/<name>, skipped once finished); returns its summary."""
+    into <run>/stages/<name>, skipped once finished); returns its summary.
+
+    The run directory's lock is taken first and its state judged under it; everything (configs of every stage,
+    data, teacher weights, checkpoint) is validated before anything on disk changes, so a refused `force`
+    deletes nothing. With `skip_finished`, a run found finished under the lock is returned as it is (another
+    process finished it meanwhile).
+    """
     device = resolve_device(cfg.train.device)
     world = init_world(device)  # process-wide set-up lives here, not in the Trainer
     if device.type == "cpu":
@@ -220,21 +289,39 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
     run_dir = cfg.run_dir
     check_trackers(cfg.train.tracker_names)  # a missing tracker package is named before the run directory exists
     stages = stage_configs(cfg)  # every stage's config is valid before anything is done
-    check_run_dir(run_dir, resume, force, staged=bool(stages))
-    run_id = (read_run_id(run_dir) if resume else None) or uuid.uuid4().hex
-    data = load_splits(cfg.data)
-    trainer = None
-    if not stages:  # built (and a bad checkpoint refused) before anything is written
-        cfg, trainer = _trainer(cfg, data, run_id, console, on_epoch_end, resume)
-    changed = resume_changes(run_dir, cfg) if resume else []
-    barrier(world)  # every rank has checked the run directory, and all is valid, before rank 0 changes it
-    lock = claim_run_dir(run_dir, force and not resume, run_id) if world.is_main else None
+    lock, made, refused = None, [], None
+    if world.is_main:
+        try:
+            lock, made = claim_run_dir(run_dir)
+        except DistillabError as exc:
+            refused = exc
+    if broadcast_flag(refused is not None, world, local_device(device, world)):  # every rank stops alike
+        raise refused or DistillabError(f"{run_dir}: rank 0 could not claim the run directory")
+    started = False
     try:
-        if world.is_main and (changed or not resume):
-            try:
-                write_text_atomic(run_dir / CONFIG_FILE, dump_config(cfg))
-            except OSError as exc:
-                raise DistillabError(f"{exc.strerror or exc} while writing {run_dir / CONFIG_FILE}") from None
+        if skip_finished and (run_dir / SUMMARY_FILE).is_file():
+            return json.loads((run_dir / SUMMARY_FILE).read_text())
+        check_run_dir(run_dir, resume, force, staged=bool(stages))
+        run_id = (read_run_id(run_dir) if resume else None) or uuid.uuid4().hex
+        data = load_splits(cfg.data)
+        trainer = None
+        if stages:
+            preflight(stages, cfg, data, world, device, rerun=force and not resume)
+        else:  # built (and a bad checkpoint refused) before anything is written
+            cfg, trainer = _trainer(cfg, data, run_id, console, on_epoch_end, resume)
+        saved = (trainer.checkpoint_config if trainer is not None else None)
+        changed = resume_changes(saved or saved_run_config(run_dir), cfg,
+                                 "the config the checkpoint was trained with" if saved else
+                                 f"the run's {CONFIG_FILE}") if resume else []
+        barrier(world)  # every rank has checked the run directory, and all is valid, before rank 0 changes it
+        if world.is_main:
+            prepare_run_dir(run_dir, clear=force and not resume, run_id=run_id)
+            started = True
+            if changed or not resume:
+                try:
+                    write_text_atomic(run_dir / CONFIG_FILE, dump_config(cfg))
+                except OSError as exc:
+                    raise DistillabError(f"{exc.strerror or exc} while writing {run_dir / CONFIG_FILE}") from None
         final = cfg
         for stage, stage_cfg in stages:
             stage_dir = stage_cfg.run_dir
@@ -253,15 +340,37 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
                 console.rule(f"{cfg.run_name}: {cfg.method.name}")
             final, trainer = _trainer(final, data, run_id, console, on_epoch_end,
                                       resume and (run_dir / CHECKPOINT_FILE).is_file())
+            if trainer.checkpoint_config is not None:
+                resume_changes(trainer.checkpoint_config, final, "the config the checkpoint was trained with")
         side = trainer.method.side_parameter_count()
         console.print(f"[bold]{cfg.run_name}[/]: {cfg.method.name} "
                       f"{cfg.teacher.name + ' -> ' if cfg.teacher else ''}{cfg.student.name} on {cfg.data.name} "
                       f"({len(data.train)} train{f', {len(data.val)} val' if data.val is not None else ''}, "
                       f"{len(data.test)} test); side modules {side:,} params")
         return trainer.fit()
+    except BaseException:
+        if lock is not None and not started:
+            unclaim(lock, made)
+            lock = None
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def preflight(stages: list[tuple[methods.Stage, RunConfig]], cfg: RunConfig, data: DataSplits, world: World,
+              device: torch.device, rerun: bool) -> None:
+    """A staged run's checks before anything on disk changes: every stage to train (all of them when `rerun`)
+    builds its method and passes the trainer's checks; the final method, whose options need the stages' outputs,
+    gets the checks that need no method (its batch against the data)."""
+    for _stage, stage_cfg in stages:
+        if rerun or not (stage_cfg.run_dir / SUMMARY_FILE).is_file():
+            method, _ = build_method(stage_cfg, data)
+            try:
+                check_setup(method, data, stage_cfg.train, world, device)
+            finally:
+                method.close()
+    check_batch(cfg.train, len(data.train), world)
 
 
 def _trainer(cfg: RunConfig, data: DataSplits, run_id: str, console: Console,
@@ -274,7 +383,7 @@ def _trainer(cfg: RunConfig, data: DataSplits, run_id: str, console: Console,
     info["run_id"] = run_id
     trainer = Trainer(method, data, cfg.train, seed=cfg.seed, run_dir=cfg.run_dir, info=info,
                       augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end,
-                      run_config=cfg.model_dump(mode="json"))
+                      run_config=resolved_config(cfg))
     if resume:
         trainer.restore(cfg.run_dir / CHECKPOINT_FILE)  # a bad checkpoint is refused before anything is written
     return cfg, trainer
@@ -287,23 +396,40 @@ def same_config(saved: Path, cfg: RunConfig) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # old option names in old runs: not the user's to fix
-            return _resolved(load_config(saved)) == _resolved(cfg)
+            return resolved_config(load_config(saved)) == resolved_config(cfg)
     except DistillabError:
         return False
 
 
-def _resolved(cfg: RunConfig) -> str:
-    """`cfg` dumped with every method option given its value (its default where unset)."""
+def resolved_config(cfg: RunConfig) -> dict[str, Any]:
+    """`cfg` as JSON data with every method option given its value (its default where unset): the form runs are
+    compared in, and the one a checkpoint records."""
     options = methods.validate_options(methods.get(cfg.method.name), cfg.method.options).model_dump(mode="json")
-    return dump_config(cfg.model_copy(update={"method": cfg.method.model_copy(update={"options": options})}))
+    return cfg.model_copy(update={"method": cfg.method.model_copy(update={"options": options})}).model_dump(
+        mode="json")
 
 
-def load_run_config(run_dir: Path, overrides: list[str] = ()) -> RunConfig:
-    """The config a run was started with, placed in `run_dir` (so a moved run resumes where it is)."""
+CODE_PREFIX = "module:"
+
+
+def load_run_config(run_dir: Path, overrides: list[str] = (), allow_code: bool = False) -> RunConfig:
+    """The config a run was started with, placed in `run_dir` (so a moved run resumes where it is).
+
+    A run directory may come from someone else: a `module:` model name in its config.yaml (which would import
+    and call code) is refused unless `allow_code` (`--allow-code`); one given by an override is the user's own.
+    """
     run_dir = Path(run_dir)
     if run_dir.name in ("", ".", ".."):  # `--resume .` from inside the run: its own name, not an empty one
         run_dir = run_dir.resolve()
     if not (run_dir / CONFIG_FILE).is_file():
         raise DistillabError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     cfg = load_config(run_dir / CONFIG_FILE, overrides)
+    if not allow_code:
+        given = {item.partition("=")[0].strip() for item in overrides}
+        for role in ("student", "teacher"):
+            model = getattr(cfg, role)
+            if model is not None and model.name.startswith(CODE_PREFIX) and f"{role}.name" not in given:
+                raise ConfigError(f"{run_dir / CONFIG_FILE}: {role}.name {model.name!r} imports and runs code, and "
+                                  "this config was read from a run directory, not given by you: pass --allow-code "
+                                  "if you trust it")
     return cfg.model_copy(update={"output_dir": run_dir.parent, "name": run_dir.name})

@@ -11,7 +11,9 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from distillab.engine.checkpoint import atomic_write, describe_write_failure
 from distillab.engine.trainer import read_metrics
+from distillab.errors import DistillabError
 
 CURVE_PANELS = (("test_acc", "test top-1 accuracy (%)"), ("test_loss", "test cross-entropy"),
                 ("loss", "training objective (each method's own terms)"))
@@ -137,9 +139,26 @@ def _plot_paired(ax, y: np.ndarray, labels: list[str], diffs: dict[str, Any], re
     ax.grid(axis="x", alpha=0.3)
 
 
+PNG_SOFTWARE = "distillab"  # the PNG's Software text: marks a figure distillab may replace
+
+
 def _save(fig, out: Path) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png", metadata={"Software": PNG_SOFTWARE}))
+    except OSError as exc:
+        raise DistillabError(f"{describe_write_failure(exc)} while writing {out}") from None
+    finally:
+        plt.close(fig)
     return out
+
+
+def written_by_distillab(path: Path) -> bool:
+    """Whether `path` is a PNG figure distillab wrote (its Software text says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == PNG_SOFTWARE
+    except (OSError, ValueError):
+        return False

@@ -56,7 +56,7 @@ from distillab.engine.checkpoint import CHECKPOINT_FILE, write_text_atomic
 from distillab.engine.lock import RunLock, RunLockedError
 from distillab.engine.trainer import METRICS_FILE, SUMMARY_FILE
 from distillab.errors import ConfigError
-from distillab.run import CONFIG_FILE, RUN_MARKER, STAGES_DIR, holds_a_run, same_config, train_run
+from distillab.run import CONFIG_FILE, RUN_MARKER, STAGES_DIR, RunExistsError, holds_a_run, same_config, train_run
 
 RECORD_FILES = (RUN_MARKER, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)  # SUMMARY_FILE last: written last, read first
 
@@ -215,8 +215,9 @@ def train_all(configs: dict[Any, RunConfig], console: Console) -> None:
             run_start = time.perf_counter()
             try:
                 resume = (cfg.run_dir / CHECKPOINT_FILE).is_file() or (cfg.run_dir / STAGES_DIR).is_dir()
-                train_run(cfg, resume=resume, force=holds_a_run(cfg.run_dir) and not resume, console=console)
-            except RunLockedError:  # another process took it between the check and the start
+                train_run(cfg, resume=resume, force=holds_a_run(cfg.run_dir) and not resume, console=console,
+                          skip_finished=True)  # finished by another process since the check: left as it is
+            except (RunLockedError, RunExistsError):  # another process took it, or started it, since the check
                 deferred.append(key)
                 continue
             durations.append(time.perf_counter() - run_start)

@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import distillab
 from distillab import methods, models
-from distillab.config import AugmentConfig, SyntheticConfig, TrainConfig
+from distillab.config import MAX_CHANNELS, MAX_IMAGE_SIDE, AugmentConfig, SyntheticConfig, TrainConfig
 from distillab.data import DataSplits
 from distillab.data.splits import synthetic
 from distillab.engine.cpu_memory import keep_freed_memory
@@ -62,7 +62,10 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     parts = text.lower().split("x")
     if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
         raise ConfigError(f"--input {text!r}: expected CxHxW, e.g. 3x32x32")
-    return int(parts[0]), int(parts[1]), int(parts[2])
+    c, h, w = (int(p) for p in parts)
+    if c > MAX_CHANNELS or max(h, w) > MAX_IMAGE_SIDE:
+        raise ConfigError(f"--input {text!r}: at most {MAX_CHANNELS} channels and {MAX_IMAGE_SIDE} pixels a side")
+    return c, h, w
 
 
 def measure(spec: ThroughputSpec, console: Console | None = None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 from distillab.config import AugmentConfig
 from distillab.data.base import ImageDataset
 from distillab.data.randaugment import draw_strong, rand_augment
+from distillab.errors import ConfigError
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -87,6 +88,10 @@ class DeviceLoader:
         self.strong_view = strong_view
         self.padding = augment.crop_padding if augment is not None else 0
         self.flip = augment.flip if augment is not None else False
+        side = min(dataset.images.shape[-2:])
+        if self.padding > side:
+            raise ConfigError(f"data.augment.crop_padding={self.padding} exceeds the images' side ({side} pixels): "
+                              "the crop would see mostly padding")
         self.shard_size = n // world_size if drop_last else math.ceil(n / world_size)
         if self.shard_size == 0:
             raise ValueError(f"{n} images cannot be shared by {world_size} ranks with drop_last")

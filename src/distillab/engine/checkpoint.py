@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import math
 import os
 import pickle
 import re
@@ -48,7 +50,85 @@ def describe_write_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     text = str(exc)
-    return "no space left on device" if "No space left" in text or "enforce fail" in text else _first_line(exc)
+    return "no space left on device" if "No space left" in text or "enforce fail" in text else first_line(exc)
+
+
+def max_weights_bytes() -> int:
+    """The most tensor bytes a weights or checkpoint file may claim: $DISTILLAB_MAX_WEIGHTS_GIB, by default
+    16 GiB or the machine's memory, whichever is less. Checked before anything is allocated."""
+    configured = os.environ.get("DISTILLAB_MAX_WEIGHTS_GIB")
+    if configured:
+        try:
+            return int(float(configured) * 2**30)
+        except ValueError:
+            raise CheckpointError(f"DISTILLAB_MAX_WEIGHTS_GIB={configured!r} is not a number of GiB") from None
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 16 << 30
+    return min(16 << 30, memory)
+
+
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
+                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own bound
+
+
+def check_safetensors_header(path: Path) -> None:
+    """A safetensors file's header, read on its own: every tensor's size agrees with its dtype and shape and lies
+    inside the file, and all of them together fit `max_weights_bytes()`; otherwise a CheckpointError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(f"{path}: unreadable safetensors file: its header length {n} does not fit the "
+                                  f"file's {size:,} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors file: its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: unreadable safetensors file: its header is not a mapping")
+    total, data = 0, size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape, (begin, end) = entry["shape"], entry["data_offsets"]
+            itemsize = SAFETENSORS_ITEMSIZE.get(entry["dtype"])  # None: a dtype newer than this table
+            if not all(isinstance(d, int) and d >= 0 for d in [*shape, begin, end]) or begin > end:
+                raise ValueError
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: unreadable safetensors file: tensor {name!r} has a malformed header "
+                                  "entry") from None
+        if end > data or (itemsize is not None and end - begin != math.prod(shape) * itemsize):
+            raise CheckpointError(f"{path}: unreadable safetensors file: tensor {name!r} claims bytes {begin}..{end} "
+                                  f"for shape {shape}, which the file's {data:,} data bytes do not hold")
+        total += end - begin
+    limit = max_weights_bytes()
+    if total > limit:
+        raise CheckpointError(f"{path}: its tensors take {total / 2**30:,.1f} GiB, over the {limit / 2**30:,.1f} GiB "
+                              "limit (DISTILLAB_MAX_WEIGHTS_GIB)")
+
+
+def check_archive_sizes(path: Path) -> None:
+    """A torch.save zip archive's entries, before torch reads it: each lies inside the file and all of them
+    together fit `max_weights_bytes()`. Files of the older, non-zip format are left to torch."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable archive (truncated or corrupt): {first_line(exc)}") from None
+    size = path.stat().st_size
+    if any(e.header_offset + e.compress_size > size for e in entries):
+        raise CheckpointError(f"{path}: an entry of the archive lies past the end of the file (truncated or forged)")
+    total, limit = sum(e.file_size for e in entries), max_weights_bytes()
+    if total > limit:
+        raise CheckpointError(f"{path}: its entries take {total / 2**30:,.1f} GiB, over the {limit / 2**30:,.1f} GiB "
+                              "limit (DISTILLAB_MAX_WEIGHTS_GIB)")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -56,13 +136,69 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    check_archive_sizes(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt): {_first_line(exc)}") from None
+        raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt): {first_line(exc)}") from None
     if not isinstance(state, dict) or "method" not in state or "epoch" not in state:
         raise CheckpointError(f"{path}: not a distillab training checkpoint (no 'method'/'epoch' entries)")
     return state
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """SHA-256 of a resolved config's canonical JSON: what a checkpoint was trained with."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_training_state(state: Mapping[str, Any], path: Path) -> None:
+    """Every field of a training checkpoint has its type and range (a CheckpointError naming the field otherwise),
+    checked before anything is restored from it."""
+
+    def refuse(field: str, problem: str) -> None:
+        raise CheckpointError(f"{path}: {field} {problem} (an edited or foreign checkpoint)")
+
+    def count(field: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            refuse(field, f"is {value!r}, not a count >= 0")
+
+    def tensors(field: str, value: Any) -> None:
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                     for k, v in value.items()):
+            refuse(field, "is not a mapping of names to tensors")
+
+    count("epoch", state["epoch"])
+    count("step", state.get("step"))
+    if not isinstance(state.get("run_id"), str) or not state["run_id"]:
+        refuse("run_id", "is missing: every checkpoint names the run it belongs to")
+    tensors("method", state.get("method"))
+    for field in ("method_extra", "scaler"):
+        if not isinstance(state.get(field), Mapping):
+            refuse(field, "is missing or not a mapping")
+    optimizer = state.get("optimizer")
+    if not (isinstance(optimizer, Mapping) and isinstance(optimizer.get("state"), Mapping)
+            and isinstance(optimizer.get("param_groups"), list)):
+        refuse("optimizer", "is not an optimizer's state (state and param_groups)")
+    rng, expected = state.get("rng_cpu"), torch.get_rng_state()
+    if not isinstance(rng, torch.Tensor) or rng.dtype != expected.dtype or rng.shape != expected.shape:
+        refuse("rng_cpu", f"is not a generator state ({expected.numel()} bytes)")
+    cuda = state.get("rng_cuda")
+    if not isinstance(cuda, list) or not all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in cuda):
+        refuse("rng_cuda", "is not a list of generator states")
+    partial = state.get("partial")
+    if not isinstance(partial, Mapping):
+        refuse("partial", "is not a mapping")
+    if state["step"]:  # an epoch stopped half-way: its accumulators
+        tensors("partial.sums", partial.get("sums"))
+        tensors("partial.logs", partial.get("logs"))
+        for field in ("correct", "seen"):
+            count(f"partial.{field}", partial.get(field))
+        if not isinstance(partial.get("elapsed"), (int, float)) or not 0 <= partial["elapsed"] < float("inf"):
+            refuse("partial.elapsed", f"is {partial.get('elapsed')!r}, not seconds")
+    config = state.get("config")
+    if config is not None and (not isinstance(config, Mapping)
+                               or state.get("config_sha256") != config_fingerprint(config)):
+        refuse("config", "does not match its fingerprint config_sha256")
 
 
 def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -93,18 +229,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        check_safetensors_header(path)
         try:
             return load_file(str(path))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: unreadable safetensors file: {_first_line(exc)}") from None
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: unreadable safetensors file: {first_line(exc)}") from None
+    check_archive_sizes(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: holds objects other than tensors, which weights_only=True refuses to "
-                              f"unpickle: {_first_line(exc)}") from None
+                              f"unpickle: {first_line(exc)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable weights file (truncated or corrupt): {_first_line(exc)}") from None
+        raise CheckpointError(f"{path}: unreadable weights file (truncated or corrupt): {first_line(exc)}") from None
     for key in ("model", "net", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]
@@ -152,6 +290,6 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip().splitlines()  # no terminal colour codes
     return text[0] if text else type(exc).__name__

@@ -29,7 +29,10 @@ class RunLock:
         """Who holds the lock now ('pid N on HOST'), or None when nobody does (or the file is stale)."""
         if self._fd is not None or not self.path.is_file():
             return None
-        fd = os.open(self.path, os.O_RDWR)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)  # flock needs no write access: a read-only run can be judged
+        except OSError:
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -40,7 +43,11 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock or raise RunLockedError naming its holder; the run directory must exist."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise DistillabError(f"cannot take the run lock {self.path}: {(exc.strerror or str(exc)).lower()} "
+                                 "(a read-only or full file system?)") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -48,8 +55,11 @@ class RunLock:
             holder = self.path.read_text().strip() or "another process"
             raise RunLockedError(f"{self.path.parent} is in use by {holder}: wait for it to finish, or stop it "
                                  "and --resume") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same, only its holder goes unnamed
         self._fd = fd
         return self
 

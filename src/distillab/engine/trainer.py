@@ -8,9 +8,11 @@ import json
 import math
 import os
 import platform
+import re
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,10 @@ from distillab.data.loader import derive_seed
 from distillab.engine.checkpoint import (
     CHECKPOINT_FILE,
     STUDENT_FILE,
+    check_training_state,
+    config_fingerprint,
     describe_write_failure,
+    first_line,
     load_checkpoint,
     save_checkpoint,
     save_safetensors,
@@ -59,12 +64,22 @@ def read_metrics(run_dir: Path, console: Console | None = None) -> list[dict[str
     records = []
     for i, line in enumerate(lines, 1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i < len(lines):
                 raise DistillabError(f"{path}: line {i} is not a JSON record (the file is damaged)") from None
             (console or Console(stderr=True)).print(f"warning: {path}: skipped a torn last line (a run stopped "
                                                     "mid-write)")
+            continue
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+            raise DistillabError(f"{path}: line {i} is not an epoch's record (its epoch is {epoch!r}, not a count "
+                                 "from 1): the file was edited or damaged")
+        bad = next((k for k, v in record.items() if not isinstance(v, (int, float)) or isinstance(v, bool)), None)
+        if bad is not None:
+            raise DistillabError(f"{path}: line {i}: {bad} is {record[bad]!r}, not a number: the file was edited or "
+                                 "damaged")
+        records.append(record)
     return records
 
 
@@ -81,6 +96,8 @@ class TrainingStopped(DistillabError):
 
 
 def resolve_device(name: str) -> torch.device:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise DistillabError(f"device {name!r}: choose auto, cpu, cuda or cuda:N")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -102,6 +119,34 @@ def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 
 TEACHER_CACHE_MAX_BYTES = 4 * 2**30
+
+
+def check_batch(cfg: TrainConfig, n_train: int, world: World) -> int:
+    """The per-rank batch: train.batch_size is the global batch, split evenly over the ranks."""
+    batch = cfg.batch_size
+    if batch > n_train:
+        raise DistillabError(f"train.batch_size={batch} exceeds the {n_train} training images")
+    if batch % world.world_size:
+        raise DistillabError(f"train.batch_size={batch} (the global batch) must be divisible by the "
+                             f"{world.world_size} processes")
+    return batch // world.world_size
+
+
+def check_setup(method: Method, data: DataSplits, cfg: TrainConfig, world: World, device: torch.device) -> int:
+    """What a Trainer refuses, checked without building one (so that a run can be refused before anything on disk
+    changes); returns the per-rank batch."""
+    if tuple(method.input_shape) != tuple(data.image_shape):
+        shape = "x".join(map(str, data.image_shape))
+        raise DistillabError(f"the method was built for {'x'.join(map(str, method.input_shape))} inputs but the "
+                             f"data are {shape}: build it with input_shape={tuple(data.image_shape)}")
+    parts = method.train_parts(len(data.train))
+    local_batch = check_batch(cfg, min(len(p) for p in parts) if parts else len(data.train), world)
+    if world.distributed and not method.distributed_ok:
+        raise DistillabError(f"method {method.name!r} keeps per-process state (e.g. a memory bank) and does not "
+                             "support data-parallel training: run it on one process")
+    if cfg.sync_bn and device.type != "cuda":
+        raise DistillabError("train.sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+    return local_batch
 
 
 class Trainer:
@@ -132,20 +177,11 @@ class Trainer:
         self.world: World = current_world()
         self.device = local_device(device, self.world)
         self.amp_dtype = autocast_dtype(self.cfg.amp, self.device)
-        if tuple(method.input_shape) != tuple(data.image_shape):
-            shape = "x".join(map(str, data.image_shape))
-            raise DistillabError(f"the method was built for {'x'.join(map(str, method.input_shape))} inputs but the "
-                                 f"data are {shape}: build it with input_shape={tuple(data.image_shape)}")
+        local_batch = check_setup(method, data, self.cfg, self.world, self.device)
         parts = method.train_parts(len(data.train))  # None: one loader over the whole training set
-        local_batch = self._check_batch(min(len(p) for p in parts) if parts else len(data.train))
-        if self.world.distributed and not method.distributed_ok:
-            raise DistillabError(f"method {method.name!r} keeps per-process state (e.g. a memory bank) and does not "
-                                 "support data-parallel training: run it on one process")
         if method.needs_indices:
             method.bind_train_set(data.train.labels)
         if self.cfg.sync_bn:
-            if self.device.type != "cuda":
-                raise DistillabError("train.sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
             for name, child in method.named_children():
                 if name != "teacher":
                     setattr(method, name, torch.nn.SyncBatchNorm.convert_sync_batchnorm(child))
@@ -186,6 +222,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self.restored = False
         self.saved_epoch: int | None = None  # epochs in the last checkpoint written or read
+        self.checkpoint_config: dict[str, Any] | None = None  # the resolved config a restored checkpoint recorded
 
     def _cache_teacher(self) -> None:
         """Compute the teacher's outputs for the training set once (`train.cache_teacher`)."""
@@ -203,16 +240,6 @@ class Trainer:
         self.info["teacher_cache_s"] = round(time.perf_counter() - started, 2)
         self.console.print(f"teacher outputs cached for {len(cache):,} images ({cache.nbytes / 2**20:,.1f} MiB, "
                            f"{self.info['teacher_cache_s']:.1f} s): no augmentation, so they are the same each epoch")
-
-    def _check_batch(self, n_train: int) -> int:
-        """The per-rank batch: train.batch_size is the global batch, split evenly over the ranks."""
-        batch, world = self.cfg.batch_size, self.world.world_size
-        if batch > n_train:
-            raise DistillabError(f"train.batch_size={batch} exceeds the {n_train} training images")
-        if batch % world:
-            raise DistillabError(f"train.batch_size={batch} (the global batch) must be divisible by the "
-                                 f"{world} processes")
-        return batch // world
 
     @property
     def writes(self) -> bool:
@@ -240,32 +267,46 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "version": distillab.__version__,
-            "run_id": self.info.get("run_id"),
+            "run_id": self.info.setdefault("run_id", uuid.uuid4().hex),  # a Trainer used on its own: one of its own
+            "config": self.run_config,
+            "config_sha256": config_fingerprint(self.run_config),
         }
 
     def restore(self, path: Path) -> None:
-        """Load a checkpoint (refused with a CheckpointError if corrupt or mismatched); `fit` continues from it."""
+        """Load a checkpoint; one that is corrupt, edited, another run's or past this run's end is refused with a
+        CheckpointError before anything is restored. `fit` continues from it. The config it was trained with is
+        kept as `checkpoint_config`."""
         state = load_checkpoint(path)
-        theirs, ours = state.get("run_id"), self.info.get("run_id")
-        if theirs and ours and theirs != ours:
+        check_training_state(state, path)
+        theirs, ours = state["run_id"], self.info.setdefault("run_id", state["run_id"])
+        if theirs != ours:
             raise CheckpointError(f"{path}: belongs to another run (run id {theirs}; this run's is {ours}): "
                                   "it was copied here from elsewhere")
+        epoch, step = state["epoch"], state["step"]
+        if epoch > self.cfg.epochs or (epoch == self.cfg.epochs and step):
+            at = f"epoch {epoch}" + (f", step {step}" if step else "")
+            raise CheckpointError(f"{path}: the checkpoint is at {at}, past the end of train.epochs="
+                                  f"{self.cfg.epochs}: set train.epochs to at least {epoch + bool(step)} (a run "
+                                  "is not shortened)")
+        steps = min(len(loader) for loader in self.loaders)
+        if step >= steps:
+            raise CheckpointError(f"{path}: step {step} lies past the {steps} steps of an epoch of this run")
+        history = [m for m in read_metrics(self.run_dir, self.console) if m["epoch"] <= epoch]
         try:
             self.method.load_trainable_state_dict(state["method"])
-            self.method.load_extra_state(state.get("method_extra") or {})
+            self.method.load_extra_state(state["method_extra"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{path}: does not match this run's method/optimizer: {exc}") from None
-        self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        if state["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng_cuda"])
-        self.start_epoch = self.saved_epoch = int(state["epoch"])
-        self.start_step = int(state.get("step", 0))
-        self.partial = state.get("partial") or None
-        self.history = [m for m in read_metrics(self.run_dir, self.console) if m["epoch"] <= self.start_epoch]
-        if self.writes:
-            self._rewrite_metrics()
+            self.scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng_cpu"])
+            if state["rng_cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(state["rng_cuda"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise CheckpointError(f"{path}: does not match this run's method/optimizer: {first_line(exc)}") from None
+        self.start_epoch = self.saved_epoch = epoch
+        self.start_step = step
+        self.partial = state["partial"] or None
+        self.checkpoint_config = state.get("config")
+        self.history = history  # metrics.jsonl is cut back to it when `fit` starts: restoring writes nothing
         self.restored = True
         self.console.print(f"resumed {self.run_dir} at epoch {self.start_epoch}/{self.cfg.epochs}"
                            + (f", step {self.start_step}" if self.start_step else ""))
@@ -307,6 +348,8 @@ class Trainer:
             return json.loads(done.read_text())  # a finished run resumed with no new epochs changes nothing
         if self.writes:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.restored:
+                self._rewrite_metrics()
         trackers = self._trackers()
         self._tracking = trackers
         self._first_epoch = self.start_epoch  # the epoch in which this process compiles (train.compile)

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 from torch import nn
 
-from distillab.config import format_validation_error
+from distillab.config import format_validation_error, refuse_bool_numbers
 from distillab.errors import ConfigError, UnknownNameError
 from distillab.features import FeatureTap, feature_shapes
 
@@ -56,6 +56,11 @@ class MethodOptions(BaseModel):
                               "release)", FutureWarning, stacklevel=2)
                 data[new] = data.pop(old)
         return data
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return refuse_bool_numbers(cls, info.field_name, value)
 
 
 class Method(nn.Module):

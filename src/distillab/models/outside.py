@@ -42,11 +42,44 @@ def is_outside(name: str) -> bool:
 
 def build(name: str, num_classes: int, in_channels: int, input_size: tuple[int, int, int] | None,
           **kwargs: Any) -> nn.Module:
-    """The outside model `name` (see the module docstring), returning logits, with `feature_info` where known."""
+    """The outside model `name` (see the module docstring), returning logits, with `feature_info` where known.
+    Whatever the model's own code raises, and a model without parameters or without `num_classes` logits, is a
+    ConfigError naming it."""
     prefix, _, target = name.partition(":")
     if not target:
         raise ConfigError(f"model {name!r}: nothing after {prefix + ':'!r}")
     size = input_size or (in_channels, 32, 32)
+    try:
+        model = _build(prefix, target, name, num_classes, in_channels, size, kwargs)
+        check_logits(model, num_classes, size, name)
+    except ConfigError:
+        raise
+    except Exception as exc:  # code outside distillab: any failure is the model's
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ConfigError(f"model {name!r} failed to build or to run on a {'x'.join(map(str, size))} input: "
+                          f"{type(exc).__name__}: {first}") from None
+    return model
+
+
+def check_logits(model: nn.Module, num_classes: int, size: tuple[int, int, int], name: str) -> None:
+    """A model to train has parameters, and maps a 1 x C x H x W input to 1 x num_classes logits."""
+    param = next(model.parameters(), None)
+    if param is None:
+        raise ConfigError(f"model {name!r} ({type(model).__name__}) has no parameters to train")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = logits_of(model(torch.zeros(1, *size, dtype=param.dtype)))
+    finally:
+        model.train(was_training)
+    if tuple(out.shape) != (1, num_classes):
+        raise ConfigError(f"model {name!r} gives one image an output of shape {tuple(out.shape)}, not (1, "
+                          f"{num_classes}) logits")
+
+
+def _build(prefix: str, target: str, name: str, num_classes: int, in_channels: int, size: tuple[int, int, int],
+           kwargs: dict[str, Any]) -> nn.Module:
     if prefix == "hf":
         return _build_hf(target, num_classes, in_channels, size, kwargs)
     if prefix == "timm":
@@ -235,9 +268,9 @@ def _with_roles(model: nn.Module, info: FeatureInfo | None, size: tuple[int, int
     """`model`, wrapped by LogitsOf when its output is not a tensor (or `wrap`), carrying `info` as its
     `feature_info`."""
     adapted = model if _returns_tensor(model, size) and not wrap else LogitsOf(model)
-    if info is not None:
-        if adapted is not model:
-            info = _under(info, "model.")
+    if info is not None and adapted is not model:
+        object.__setattr__(adapted, "feature_info", _under(info, "model."))
+    elif info is not None and getattr(model, "feature_info", None) != info:  # a zoo model has its own
         object.__setattr__(adapted, "feature_info", info)
     return adapted
 
