@@ -311,7 +311,7 @@ def test_a_full_disk_while_exporting_is_one_line(finished, tmp_path, monkeypatch
     if format == "onnx":
         pytest.importorskip("onnxscript")
 
-    def full(path, write):
+    def full(path, write, replace=True):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "atomic_write", full)
@@ -423,3 +423,67 @@ def test_a_hand_edited_run_config_of_any_shape_reports_without_a_traceback(finis
     (finished / "config.yaml").write_text("method: kd\nstudent: [1, 2]\ntrain: 3\n")
     assert main(["report", str(finished), "--output", str(tmp_path / "r.png")]) == 0
     assert "Traceback" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- found by the adversarial pass (benchmarks/adversarial)
+def test_a_truncated_checkpoint_is_named_as_such(finished, capsys):
+    path = finished / CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[:5000])
+    refused(capsys, ["train", "--resume", str(finished), "--set", "train.epochs=3"],
+            f"{path}: unreadable checkpoint (truncated or corrupt)")
+
+
+def test_a_file_created_meanwhile_is_not_replaced_without_force(tmp_path):
+    from distillab import models
+    from distillab.engine.checkpoint import save_safetensors
+
+    path = tmp_path / "w.safetensors"
+    path.write_text("written by another process after our check")
+    with pytest.raises(FileExistsError):
+        save_safetensors(models.build("resnet8", num_classes=10), path, replace=False)
+    assert path.read_text() == "written by another process after our check"
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary file left
+
+
+def test_a_full_disk_inside_the_safetensors_library_is_one_line(finished, tmp_path, monkeypatch, capsys):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    refused(capsys, ["convert", str(finished), str(tmp_path / "c.safetensors"), "--model", "resnet8",
+                     "--num-classes", "10", "--in-channels", "1"], "no space left on device while writing")
+    refused(capsys, ["export", str(finished), "--output", str(tmp_path / "e.safetensors")],
+            "no space left on device while writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.yaml", "runs"]
+
+
+def test_a_throughput_batch_too_large_to_hold_is_one_line(capsys):
+    refused(capsys, ["bench", "throughput", "--teacher", "resnet8", "--student", "resnet8", "--batch", "1000000000"],
+            "over the 4 GiB limit of synthetic data")
+
+
+def test_an_onnx_export_prints_nothing_but_its_result(finished, tmp_path, capfd):
+    pytest.importorskip("onnxscript")
+    capfd.readouterr()
+    assert main(["export", str(finished), "--format", "onnx", "--output", str(tmp_path / "s.onnx")]) == 0
+    assert capfd.readouterr().err == ""
+
+
+def test_a_raw_pickle_teacher_is_refused_in_one_line_and_runs_nothing(tmp_path, capsys):
+    import pickle
+
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    weights = tmp_path / "teacher.pt"
+    weights.write_bytes(pickle.dumps({"conv1.weight": Payload()}, protocol=4))
+    refused(capsys, ["train", str(write_config(tmp_path, "p")), "--set", "method.name=kd", "--set",
+                     "teacher.name=resnet8", "--set", f"teacher.checkpoint={weights}"], str(weights))
+    assert not marker.exists()

@@ -223,7 +223,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     from distillab import models
-    from distillab.engine.checkpoint import load_weights, save_safetensors
+    from distillab.engine.checkpoint import describe_write_failure, load_weights, save_safetensors
     from distillab.run import refuse_inside_runs
 
     if args.output.is_dir():
@@ -233,7 +233,14 @@ def _convert(args: argparse.Namespace) -> int:
         raise DistillabError(f"{args.output} exists: pass --force to overwrite it")
     model = models.build(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
     load_weights(model, args.input, args.model)  # any known layout, checked key by key
-    save_safetensors(model, args.output, metadata={"model": args.model, "converted_from": str(args.input)})
+    try:
+        save_safetensors(model, args.output, metadata={"model": args.model, "converted_from": str(args.input)},
+                         replace=args.force)
+    except FileExistsError:
+        raise DistillabError(f"{args.output} was written by another process meanwhile: pass --force to overwrite "
+                             "it") from None
+    except OSError as exc:
+        raise DistillabError(f"{describe_write_failure(exc)} while writing {args.output}") from None
     Console().print(f"[bold green]done[/]: {args.model} ({sum(p.numel() for p in model.parameters()):,} "
                     f"parameters) -> {args.output}")
     return 0

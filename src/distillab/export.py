@@ -14,6 +14,7 @@ ONNX and `torch.export` hold the graph too, with a dynamic batch dimension (inpu
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,10 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, overrides:
     card = model_card(cfg.student.name, cfg.student.kwargs, data, cfg.method.name,
                       bool(cfg.method.options.get("fuse_bn", False)))
     try:
-        export_model(student, path, card, format)
+        export_model(student, path, card, format, replace=force)
+    except FileExistsError:
+        raise DistillabError(f"--output {path} was written by another process meanwhile: pass --force to replace "
+                             "it, or name a new file") from None
     except (OSError, RuntimeError) as exc:
         raise DistillabError(f"{describe_write_failure(exc)} while writing {path}") from None
     return Exported(path, cfg.student.name, cfg.method.name, sum(p.numel() for p in student.parameters()),
@@ -123,39 +127,49 @@ def _is_export(path: Path) -> bool:
     return True
 
 
-def export_model(model: nn.Module, path: Path, card: dict[str, Any], format: str = "safetensors") -> None:
-    """Write `model` (in eval mode) with its model card in `format`."""
+def export_model(model: nn.Module, path: Path, card: dict[str, Any], format: str = "safetensors",
+                 replace: bool = True) -> None:
+    """Write `model` (in eval mode) with its model card in `format`; with `replace=False` an existing `path` is
+    left alone (FileExistsError)."""
     model = model.eval()
     path = Path(path)
     if format == "safetensors":
         save_safetensors(model, path, metadata={"model": card["model"], "method": card["method"],
-                                                CARD_KEY: json.dumps(card)})
+                                                CARD_KEY: json.dumps(card)}, replace=replace)
         return
     param = next(model.parameters())
     example = torch.zeros(2, *card["input_size"], dtype=param.dtype, device=param.device)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
     if format == "onnx":
-        _write_onnx(model, example, batch, path, card)
+        _write_onnx(model, example, batch, path, card, replace)
     else:
         program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-        atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files={CARD_KEY: json.dumps(card)}))
+        atomic_write(path, lambda tmp: torch.export.save(program, tmp, extra_files={CARD_KEY: json.dumps(card)}),
+                     replace)
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, batch, path: Path, card: dict[str, Any]) -> None:
+def _write_onnx(model: nn.Module, example: torch.Tensor, batch, path: Path, card: dict[str, Any],
+                replace: bool) -> None:
     try:
         import onnx
         import onnxscript  # noqa: F401  (the torch.export-based exporter needs it)
     except ImportError as exc:
         raise ConfigError(f"--format onnx needs the onnx extra (pip install distillab[onnx]): {exc}") from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation notes of torch internals
-        program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    exporter_log = logging.getLogger("torch.onnx")  # it notes each torchvision op it skips, on every export
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation notes of torch internals
+            program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
+                                        dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    finally:
+        exporter_log.setLevel(level)
     proto = program.model_proto
     entry = proto.metadata_props.add()
     entry.key, entry.value = CARD_KEY, json.dumps(card)
     onnx.checker.check_model(proto)
-    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)))
+    atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)), replace)
 
 
 def read_card(path: str | Path) -> dict[str, Any]:

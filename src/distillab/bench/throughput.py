@@ -22,13 +22,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
 import distillab
 from distillab import methods, models
-from distillab.config import MAX_CHANNELS, MAX_IMAGE_SIDE, AugmentConfig, SyntheticConfig, TrainConfig
+from distillab.config import (
+    MAX_CHANNELS,
+    MAX_IMAGE_SIDE,
+    AugmentConfig,
+    SyntheticConfig,
+    TrainConfig,
+    format_validation_error,
+)
 from distillab.data import DataSplits
 from distillab.data.splits import synthetic
 from distillab.engine.cpu_memory import keep_freed_memory
@@ -78,9 +86,13 @@ def measure(spec: ThroughputSpec, console: Console | None = None) -> dict[str, A
     device = resolve_device(spec.device)
     if device.type == "cpu":
         keep_freed_memory()  # as `distillab train` does, so the figures are those of a real run
-    data = synthetic(SyntheticConfig(image_shape=spec.input_shape, num_classes=spec.num_classes,
-                                     train_size=max(spec.batch * (spec.warmup + spec.steps), MIN_TRAIN_SIZE),
-                                     test_size=spec.batch), 0)
+    try:
+        synthetic_cfg = SyntheticConfig(image_shape=spec.input_shape, num_classes=spec.num_classes,
+                                        train_size=max(spec.batch * (spec.warmup + spec.steps), MIN_TRAIN_SIZE),
+                                        test_size=spec.batch)
+    except ValidationError as err:  # the images the measurement would hold: --batch, --input, --steps
+        raise ConfigError(format_validation_error(err, SyntheticConfig, "the measurement's data: ")) from None
+    data = synthetic(synthetic_cfg, 0)
     cfg = TrainConfig(epochs=1, batch_size=spec.batch, drop_last=True, device=str(device), amp=spec.amp,
                       compile=spec.compile, channels_last=spec.channels_last, progress=False,
                       fold_teacher_bn=spec.fold_teacher_bn)

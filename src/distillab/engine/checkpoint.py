@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
 import os
 import pickle
 import re
+import uuid
+import warnings
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,18 +26,36 @@ STUDENT_FILE = "student.safetensors"
 CHECKPOINT_FILE = Path("checkpoints") / "last.pt"
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, flush it to disk, then rename over `path`: a crash never leaves half a file."""
+def atomic_write(path: Path, write, replace: bool = True) -> None:
+    """Call `write(tmp_path)`, flush it to disk, then rename over `path`: a crash never leaves half a file.
+
+    With `replace=False` the file is only created: if `path` exists by then (another process wrote it since the
+    caller checked), FileExistsError, and nothing is replaced.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # writers never share one
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _create(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _create(tmp: Path, path: Path) -> None:
+    """Move `tmp` to `path` only if `path` does not exist, atomically where the file system has hard links."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links here (FAT, some network file systems): claim the name, then fill it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.replace(tmp, path)
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -138,8 +159,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: checkpoint not found")
     check_archive_sizes(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as exc:
+        state = _torch_load(path)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable checkpoint (truncated or corrupt): {first_line(exc)}") from None
     if not isinstance(state, dict) or "method" not in state or "epoch" not in state:
         raise CheckpointError(f"{path}: not a distillab training checkpoint (no 'method'/'epoch' entries)")
@@ -201,11 +222,31 @@ def check_training_state(state: Mapping[str, Any], path: Path) -> None:
         refuse("config", "does not match its fingerprint config_sha256")
 
 
-def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
+def _torch_load(path: Path) -> Any:
+    """torch.load with weights_only=True, without torch's warnings about what it refuses (the error says it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def save_safetensors(module: nn.Module, path: Path, metadata: dict[str, str] | None = None,
+                     replace: bool = True) -> None:
+    """The module's state dict as a safetensors file, written atomically (see `atomic_write` for `replace`); a
+    failed write (a full disk) is an OSError."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+    def write(tmp: Path) -> None:
+        try:
+            save_file(state, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # the library's wrapper of an I/O error
+            if "No space left" in str(exc):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            raise OSError(errno.EIO, first_line(exc)) from None
+
+    atomic_write(path, write, replace)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -237,11 +278,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     check_archive_sizes(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = _torch_load(path)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: holds objects other than tensors, which weights_only=True refuses to "
                               f"unpickle: {first_line(exc)}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"{path}: unreadable weights file (truncated or corrupt): {first_line(exc)}") from None
     for key in ("model", "net", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
