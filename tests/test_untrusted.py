@@ -107,6 +107,18 @@ def test_force_with_a_missing_teacher_deletes_nothing(finished, tmp_path, capsys
     assert snapshot(finished) == before
 
 
+def test_a_moved_staged_run_resumes_its_final_stage(tmp_path, capsys):
+    """The final method's options point into the run's stages (DFA's aggregation.json): they move with it."""
+    from test_dfa import dfa_config
+
+    assert main(["train", str(dfa_config(tmp_path))]) == 0
+    moved = tmp_path / "elsewhere" / "dfa"
+    moved.parent.mkdir()
+    (tmp_path / "runs" / "dfa").rename(moved)
+    assert main(["train", "--resume", str(moved), "--set", "train.epochs=2"]) == 0
+    assert load_checkpoint(moved / CHECKPOINT_FILE)["epoch"] == 2
+
+
 # ---------------------------------------------------------- 3. resume compares with the checkpoint's own config
 @pytest.mark.parametrize(("edit", "key"), [("lr: 0.05", "train.optim.lr"), ("seed: 0", "seed"),
                                             ("train_subset: 256", "data.train_subset")])

@@ -7,7 +7,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -220,11 +220,13 @@ RESUME_MAY_CHANGE = ("name", "output_dir", "data.root", "data.download", "train.
                      "train.log_steps", "train.eval_batch_size")
 
 
-def resume_changes(saved: dict[str, Any], cfg: RunConfig, source: str) -> list[str]:
+def resume_changes(saved: dict[str, Any], cfg: RunConfig, source: str, linked: Iterable[str] = ()) -> list[str]:
     """The fields in which `cfg` differs from the `saved` resolved config (read from `source`); an unsafe change
-    is refused, naming the fields."""
+    is refused, naming the fields. `linked` fields were set from the earlier stages' outputs (paths inside the
+    run, which move with it)."""
     changed = _differences(saved, resolved_config(cfg))
-    unsafe = [k for k in changed if not any(k == ok or k.startswith(ok + ".") for ok in RESUME_MAY_CHANGE)]
+    unsafe = [k for k in changed if k not in linked
+              and not any(k == ok or k.startswith(ok + ".") for ok in RESUME_MAY_CHANGE)]
     if unsafe:
         raise DistillabError(f"--resume: {', '.join(unsafe)} differ{'s' if len(unsafe) == 1 else ''} from {source}; "
                              "a resumed run must keep its data, models, method and optimisation (only epochs, "
@@ -341,7 +343,8 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
             final, trainer = _trainer(final, data, run_id, console, on_epoch_end,
                                       resume and (run_dir / CHECKPOINT_FILE).is_file())
             if trainer.checkpoint_config is not None:
-                resume_changes(trainer.checkpoint_config, final, "the config the checkpoint was trained with")
+                linked = _differences(resolved_config(cfg), resolved_config(final))
+                resume_changes(trainer.checkpoint_config, final, "the config the checkpoint was trained with", linked)
         side = trainer.method.side_parameter_count()
         console.print(f"[bold]{cfg.run_name}[/]: {cfg.method.name} "
                       f"{cfg.teacher.name + ' -> ' if cfg.teacher else ''}{cfg.student.name} on {cfg.data.name} "
