@@ -22,7 +22,7 @@ _LAZY = {
     "TrainConfig": "distillab.config:TrainConfig",
     "RunConfig": "distillab.config:RunConfig",
     "FeatureTap": "distillab.features:FeatureTap",
-    "load_config": "distillab.config:load_config",
+    "load_config": "distillab.config_files:load_config",
     "train_run": "distillab.run:train_run",
 }
 

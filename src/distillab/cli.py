@@ -193,7 +193,7 @@ def _debug_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from distillab.config import load_config
+    from distillab.config_files import load_config
     from distillab.run import load_run_config, train_run
 
     if args.resume is not None:
@@ -334,7 +334,7 @@ def _bench_throughput(args: argparse.Namespace) -> int:
 
     from distillab import methods
     from distillab.bench.throughput import ThroughputSpec, default_output, measure, parse_shape, results_table
-    from distillab.config import safe_yaml
+    from distillab.config_files import safe_yaml
 
     for name, value in (("--batch", args.batch), ("--steps", args.steps), ("--repeats", args.repeats)):
         if value < 1:
@@ -383,7 +383,7 @@ def _report(args: argparse.Namespace) -> int:
 def _configs(args: argparse.Namespace) -> int:
     import shutil
 
-    from distillab.config import PACKAGED_CONFIGS
+    from distillab.config_files import PACKAGED_CONFIGS
 
     if args.action == "list":
         for path in sorted(PACKAGED_CONFIGS.rglob("*.yaml")):

@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from distillab import methods, models
-from distillab.config import RunConfig, dump_config, format_validation_error, load_config
+from distillab.config import RunConfig, format_validation_error
+from distillab.config_files import dump_config, load_config, merge
 from distillab.data import DataSplits, load_splits
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights, write_text_atomic
 from distillab.engine.cpu_memory import keep_freed_memory
@@ -258,17 +259,12 @@ def stage_configs(cfg: RunConfig) -> list[tuple[methods.Stage, RunConfig]]:
     for stage in method_cls.stages(methods.validate_options(method_cls, cfg.method.options)):
         raw = cfg.model_dump(mode="json")
         raw.update(name=stage.name, output_dir=str(cfg.run_dir / STAGES_DIR),
-                   method={"name": stage.method, "options": stage.options}, train=_merged(raw["train"], stage.train))
+                   method={"name": stage.method, "options": stage.options}, train=merge(raw["train"], stage.train))
         try:
             out.append((stage, RunConfig.model_validate(raw)))
         except ValidationError as err:
             raise ConfigError(format_validation_error(err, RunConfig, f"stage {stage.name}: ")) from None
     return out
-
-
-def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    return {**base, **{k: _merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                       for k, v in over.items()}}
 
 
 def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, console: Console | None = None,
@@ -418,15 +414,16 @@ CODE_PREFIX = "module:"
 def load_run_config(run_dir: Path, overrides: list[str] = (), allow_code: bool = False) -> RunConfig:
     """The config a run was started with, placed in `run_dir` (so a moved run resumes where it is).
 
-    A run directory may come from someone else: a `module:` model name in its config.yaml (which would import
-    and call code) is refused unless `allow_code` (`--allow-code`); one given by an override is the user's own.
+    A run directory may come from someone else: a `module:` model name or an `imports:` module in its config.yaml
+    (which would import and run code) is refused unless `allow_code` (`--allow-code`); one given by an override
+    is the user's own.
     """
     run_dir = Path(run_dir)
     if run_dir.name in ("", ".", ".."):  # `--resume .` from inside the run: its own name, not an empty one
         run_dir = run_dir.resolve()
     if not (run_dir / CONFIG_FILE).is_file():
         raise DistillabError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    cfg = load_config(run_dir / CONFIG_FILE, overrides)
+    cfg = load_config(run_dir / CONFIG_FILE, overrides, allow_code=allow_code)
     if not allow_code:
         given = {item.partition("=")[0].strip() for item in overrides}
         for role in ("student", "teacher"):

@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 
 from distillab.bench.plots import curves_of, plot_curves, written_by_distillab
-from distillab.config import read_text, safe_yaml
+from distillab.config_files import read_text, safe_yaml
 from distillab.engine.trainer import read_metrics
 from distillab.errors import DistillabError
 from distillab.run import CONFIG_FILE

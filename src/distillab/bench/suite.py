@@ -44,14 +44,8 @@ from rich.table import Table
 
 from distillab.bench.plots import curves_of, plot_accuracy, plot_curves
 from distillab.bench.stats import paired_difference, summary, verdict
-from distillab.config import (
-    RunConfig,
-    StrictModel,
-    format_validation_error,
-    load_config,
-    read_text,
-    safe_yaml,
-)
+from distillab.config import RunConfig, StrictModel, format_validation_error
+from distillab.config_files import load_config, read_text, safe_yaml
 from distillab.engine.checkpoint import CHECKPOINT_FILE, write_text_atomic
 from distillab.engine.lock import RunLock, RunLockedError
 from distillab.engine.trainer import METRICS_FILE, SUMMARY_FILE

@@ -8,9 +8,6 @@ student logits and a dict of *weighted* named loss terms; the trainer sums and l
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import pkgutil
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -22,14 +19,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, fie
 from torch import nn
 
 from distillab.config import format_validation_error, refuse_bool_numbers
-from distillab.errors import ConfigError, UnknownNameError
+from distillab.errors import ConfigError
 from distillab.features import FeatureTap, feature_shapes
+from distillab.registry import Registry
 
 if TYPE_CHECKING:
     from distillab.engine.teacher_cache import TeacherCache
-
-_METHODS: dict[str, type[Method]] = {}
-
 
 class MethodOptions(BaseModel):
     """Base of every method's options; unknown keys are errors.
@@ -250,40 +245,27 @@ def validate_options(cls: type[Method], options: dict[str, Any]) -> MethodOption
         raise ConfigError(format_validation_error(err, cls.Options, "method.options.")) from None
 
 
+METHODS: Registry[type[Method]] = Registry("method", "distillab.methods", Path(__file__).parent,
+                                          "see `distillab methods`", skip=("base",))
+
+
 def register(name: str):
     """Class decorator: register a Method subclass under `name`."""
 
     def add(cls: type[Method]) -> type[Method]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} is registered twice")
+        METHODS.register(name)(cls)
         cls.name = name
-        _METHODS[name] = cls
         return cls
 
     return add
 
 
-def _load_builtin_methods() -> None:
-    """Import every module of this package, so that adding a method is adding one file."""
-    import distillab.methods as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name != "base":
-            importlib.import_module(f"distillab.methods.{info.name}")
-
-
 def available() -> dict[str, type[Method]]:
-    _load_builtin_methods()
-    return dict(sorted(_METHODS.items()))
+    return METHODS.available()
 
 
 def get(name: str) -> type[Method]:
-    methods = available()
-    if name not in methods:
-        close = difflib.get_close_matches(name, methods, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UnknownNameError(f"unknown method {name!r}{hint} (see `distillab methods`)")
-    return methods[name]
+    return METHODS.get(name)
 
 
 def build(name: str, student: nn.Module, teacher: nn.Module | None = None, **options: Any) -> Method:

@@ -3,34 +3,27 @@
 
 from __future__ import annotations
 
-import difflib
-import importlib
-import pkgutil
 from collections.abc import Callable
+from pathlib import Path
 
 from torch import nn
 
-from distillab.errors import ConfigError, UnknownNameError
+from distillab.errors import ConfigError
+from distillab.registry import Registry
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", "distillab.models", Path(__file__).parent,
+                                                   "see `distillab models`, or name an outside model as "
+                                                   "hf:..., timm:..., torchvision:... or module:...")
 
 
 def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: register a model factory `f(num_classes=..., in_channels=..., **kw)` under `name`."""
-
-    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ValueError(f"model {name!r} is registered twice")
-        _MODELS[name] = factory
-        return factory
-
-    return add
+    return MODELS.register(name)
 
 
 def available() -> list[str]:
     """Names of every registered model, sorted."""
-    _load_zoo()
-    return sorted(_MODELS)
+    return list(MODELS.available())
 
 
 def build(name: str, num_classes: int = 100, in_channels: int = 3, *,
@@ -41,24 +34,10 @@ def build(name: str, num_classes: int = 100, in_channels: int = 3, *,
 
     if outside.is_outside(name):
         return outside.build(name, num_classes, in_channels, input_size, **kwargs)
-    _load_zoo()
-    if name not in _MODELS:
-        close = difflib.get_close_matches(name, _MODELS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise UnknownNameError(f"unknown model {name!r}{hint} (see `distillab models`, or name an outside model "
-                               f"as {', '.join(p + ':...' for p in outside.PREFIXES)})")
+    factory = MODELS.get(name)
     try:
-        return _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+        return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as exc:
         if kwargs and "argument" in str(exc):
             raise ConfigError(f"model {name!r} does not take the kwargs {sorted(kwargs)}: {exc}") from None
         raise
-
-
-def _load_zoo() -> None:
-    """Import every module of this package, so that their `@register` decorators run (a new model family is
-    one new file, as a method is)."""
-    import distillab.models as package
-
-    for info in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"distillab.models.{info.name}")
