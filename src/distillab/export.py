@@ -88,8 +88,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, overrides:
         raise CheckpointError(f"{run_dir / CHECKPOINT_FILE}: does not match the run's method: {exc}") from None
     student = method.deploy_student()
     method.close()  # the method's feature taps off the student before it is traced
-    card = model_card(cfg.student.name, cfg.student.kwargs, data, cfg.method.name,
-                      bool(cfg.method.options.get("fuse_bn", False)))
+    card = model_card(cfg.student.name, cfg.student.kwargs, data, cfg.method.name, method.deploy_folds_bn)
     try:
         export_model(student, path, card, format, replace=force)
     except FileExistsError:

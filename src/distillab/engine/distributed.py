@@ -86,3 +86,13 @@ def broadcast_flag(flag: bool, world: World, device: torch.device) -> bool:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def all_reduce_(tensor: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """For a method's own collectives (a gradient it steps itself, calibration sums): sum `tensor` in place over
+    the data-parallel ranks, or average it with `mean`; nothing on one process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+        if mean:
+            tensor /= dist.get_world_size()
+    return tensor

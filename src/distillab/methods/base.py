@@ -115,6 +115,12 @@ class Method(nn.Module):
         lives, its feature taps stay hooked on the student: call `close()` first to use the student alone."""
         return self.student
 
+    @property
+    def deploy_folds_bn(self) -> bool:
+        """Whether `deploy_student()` folds BatchNorms into convolutions, so that no stock model of the student's
+        architecture takes its weights (an export then needs its graph: ONNX or torch.export)."""
+        return False
+
     def close(self) -> None:
         """Remove the method's feature-tap hooks from the student and teacher (training is over)."""
         for tap in self._taps:

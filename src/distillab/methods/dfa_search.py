@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from distillab.engine.distributed import all_reduce_
 from distillab.errors import ConfigError
 from distillab.methods.base import Method, register
 from distillab.methods.dfa import DFASearchOptions, aggregate, groups_by_roles, teacher_groups
@@ -125,9 +125,7 @@ class DFASearch(Method):
             grad_ts, = torch.autograd.grad(terms["ts"], beta, retain_graph=True)
             grad_st, = torch.autograd.grad(terms["st"], beta)
         grad = grad_ts + grad_st + 2 * self.opts.beta_l2 * beta.detach()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(grad)
-            grad /= dist.get_world_size()
+        all_reduce_(grad, mean=True)  # every rank steps beta alike
         self.betas[group].grad = grad
         self._beta_optimizer.step()
         self.betas[group].grad = None
@@ -166,7 +164,7 @@ class DFASearch(Method):
 
     def write_outputs(self, run_dir: Path) -> dict[str, Any]:
         """aggregation.json (each group's candidate names, beta and weights) and its heat-map."""
-        from distillab.search.report import (
+        from distillab.methods.dfa_report import (
             DYNAMICS_FILE,
             HEATMAP_FILE,
             plot_aggregation,

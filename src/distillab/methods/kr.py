@@ -22,11 +22,11 @@ import math
 from typing import Annotated, ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from distillab.engine.distributed import all_reduce_
 from distillab.errors import ConfigError
 from distillab.losses import kd_loss, match_spatial
 from distillab.methods.base import Method, MethodOptions, register
@@ -305,8 +305,7 @@ class KnowledgeRepresenting(Method):
         if self.training and self.opts.kr_weight == "auto":
             with torch.no_grad():
                 sums = torch.stack([ce, kr]).to(self.calibration)
-                if dist.is_available() and dist.is_initialized():
-                    dist.all_reduce(sums)  # every rank calibrates on the global batch, so all keep one weight
+                all_reduce_(sums)  # every rank calibrates on the global batch, so all keep one weight
                 calibrating = self.calibration[0] < self.opts.calib_batches
                 self.calibration += torch.where(calibrating, torch.cat([sums.new_ones(1), sums]), 0.0)
                 _, ce_sum, kr_sum = self.calibration

@@ -385,6 +385,10 @@ class RDR(Method):
     def branches(self) -> RepBranches:
         return self.student.get_submodule(self.site.conv)
 
+    @property
+    def deploy_folds_bn(self) -> bool:
+        return self.opts.fuse_bn
+
     def deploy_student(self) -> nn.Module:
         """The plain student architecture with every branch merged into the replaced conv (+ BN); no bridge.
 

@@ -1,4 +1,5 @@
-"""What a DFA search leaves in its run directory: aggregation.json and the aggregation.png heat-map."""
+"""What a DFA search leaves in its run directory: aggregation.json and the aggregation.png heat-map (written by
+the `dfa_search` method, the first stage of `dfa`)."""
 
 from __future__ import annotations
 
