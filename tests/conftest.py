@@ -1,8 +1,80 @@
+"""Shared test fixtures and the one tiny run the integration tests start from.
+
+`TINY` is the small digits run (resnet8, ce, 200 training images, one epoch); a test lays the settings it depends on
+over it as `key=value` changes, parsed like `--set`: `tiny_run` gives the validated config, `tiny_config` the YAML
+file for the CLI. `digits_teacher` is a resnet14 trained once per session on digits, for the tests that need a
+teacher with some skill; `untrained_digits_teacher` is a seeded untrained resnet8, for those that need only its
+shapes. Test modules import the helpers with `from conftest import ...`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import pytest
 import torch
+import yaml
 
 from distillab import models
+from distillab.config_files import load_config
 from distillab.engine.checkpoint import save_safetensors
+from distillab.run import train_run
+
+if TYPE_CHECKING:
+    from distillab.config import RunConfig
+
+TINY = (
+    "student.name=resnet8", "method.name=ce",
+    "data.name=digits", "data.val_size=100", "data.train_subset=200", "data.augment.crop_padding=1",
+    "data.augment.flip=false",
+    "train.epochs=1", "train.batch_size=64", "train.progress=false",
+)
+DIGITS_TEACHER = "resnet14"  # the model `digits_teacher` trains
+
+
+def _lay_over(tree: dict[str, Any], changes: tuple[str, ...]) -> dict[str, Any]:
+    for change in changes:
+        key, sep, value = change.partition("=")
+        if not sep:
+            raise ValueError(f"{change!r}: expected key=value")
+        *sections, leaf = key.split(".")
+        node = tree
+        for section in sections:
+            if not isinstance(node.get(section), dict):
+                node[section] = {}
+            node = node[section]
+        node[leaf] = yaml.safe_load(value)
+    return tree
+
+
+def tiny_settings(*changes: str) -> dict[str, Any]:
+    """The nested settings of `TINY` with `changes` laid over it in order (later ones win). A change is
+    `a.b.c=value` with the value parsed as YAML, as `--set` does; an empty value is null (`data.train_subset=`
+    trains on the whole training split)."""
+    return _lay_over({}, (*TINY, *changes))
+
+
+def tiny_run(directory: Path, name: str, *changes: str) -> RunConfig:
+    """The tiny run as a validated config (nothing written); its run directory is `<directory>/runs/<name>`."""
+    tree = _lay_over({**tiny_settings(), "output_dir": str(Path(directory) / "runs"), "name": name}, changes)
+    return load_config(None, base=tree)
+
+
+def tiny_config(directory: Path, name: str | None, *changes: str) -> Path:
+    """Write the tiny run as `<directory>/<name>.yaml` and return its path; the run directory is
+    `<directory>/runs/<name>`. With name None the file is `config.yaml` and names no run (give `--set name=...`)."""
+    tree = {**tiny_settings(), "output_dir": str(Path(directory) / "runs")}
+    if name is not None:
+        tree["name"] = name
+    path = Path(directory) / f"{name or 'config'}.yaml"
+    path.write_text(yaml.safe_dump(_lay_over(tree, changes), sort_keys=False))
+    return path
+
+
+def teacher_changes(checkpoint: str | Path, name: str = DIGITS_TEACHER) -> tuple[str, str]:
+    """The changes that make a run distil from `checkpoint` (a run directory or weights file) of model `name`."""
+    return f"teacher.name={name}", f"teacher.checkpoint={checkpoint}"
 
 
 @pytest.fixture(autouse=True)
@@ -10,6 +82,22 @@ def _two_threads():
     """Keep each test on the machine's cores and make CPU runs repeatable."""
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory) -> Path:
+    """The run directory of a resnet14 trained once per session (ce, 3 epochs, cosine) on the whole digits training
+    split less 200 validation images: a teacher with real skill (far above the 10 % of chance), on one thread so
+    that it is the same teacher whatever ran before it."""
+    cfg = tiny_run(tmp_path_factory.mktemp("digits_teacher"), "teacher", f"student.name={DIGITS_TEACHER}",
+                   "data.val_size=200", "data.train_subset=", "train.epochs=3", "train.schedule.name=cosine")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+    return cfg.run_dir
 
 
 @pytest.fixture(scope="session")

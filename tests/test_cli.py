@@ -5,18 +5,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_config
 from distillab.cli import main
-from distillab.config import load_config
-
-TINY = ["--set", "data.name=digits", "--set", "data.val_size=100", "--set", "train.epochs=1",
-        "--set", "train.progress=false", "--set", "method.name=ce", "--set", "data.augment.flip=false"]
+from distillab.config_files import load_config
 
 
 @pytest.fixture
 def config(tmp_path):
-    path = tmp_path / "run.yaml"
-    path.write_text(f"output_dir: {tmp_path / 'runs'}\nname: tiny\nstudent: {{name: resnet8}}\n")
-    return path
+    """The tiny ce run as a YAML file: its run directory is runs/tiny."""
+    return tiny_config(tmp_path, "tiny")
 
 
 def test_models_lists_the_zoo_with_parameter_counts(capsys):
@@ -33,7 +30,7 @@ def test_methods_lists_registered_methods(capsys):
 
 
 def test_train_then_eval_reports_the_same_accuracy(config, tmp_path, capsys):
-    assert main(["train", str(config), *TINY]) == 0
+    assert main(["train", str(config)]) == 0
     summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "runs" / "tiny")]) == 0
@@ -51,17 +48,17 @@ def test_train_then_eval_reports_the_same_accuracy(config, tmp_path, capsys):
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(config, capsys, extra, message):
-    assert main(["train", str(config), *TINY, *extra]) == 2
+    assert main(["train", str(config), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_existing_run_needs_resume_or_force(config, capsys):
-    assert main(["train", str(config), *TINY]) == 0
-    assert main(["train", str(config), *TINY]) == 2
+    assert main(["train", str(config)]) == 0
+    assert main(["train", str(config)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert main(["train", str(config), *TINY, "--force"]) == 0
+    assert main(["train", str(config), "--force"]) == 0
 
 
 def test_resume_takes_no_config_argument(config, tmp_path, capsys):
@@ -96,12 +93,12 @@ def test_configs_ship_with_the_package_and_copy_out_with_their_bases(tmp_path, m
 
 
 def test_metrics_csv_and_a_missing_tracker_package_named_before_the_run_directory(config, tmp_path, monkeypatch):
-    assert main(["train", str(config), *TINY]) == 0
+    assert main(["train", str(config)]) == 0
     run = tmp_path / "runs" / "tiny"
     rows = (run / "metrics.csv").read_text().splitlines()
     assert rows[0].startswith("epoch,") and "test_acc" in rows[0] and len(rows) == 2
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
-    assert main(["train", str(config), *TINY, "--set", "name=tracked", "--set", "train.trackers=[wandb]"]) == 2
+    assert main(["train", str(config), "--set", "name=tracked", "--set", "train.trackers=[wandb]"]) == 2
     assert not (tmp_path / "runs" / "tracked").exists()  # no --force needed for the rerun
 
 
@@ -113,7 +110,7 @@ def test_trackers_record_epochs_steps_and_hyper_parameters(config, tmp_path, mon
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)  # restored after the test
-    assert main(["train", str(config), *TINY, "--set", "train.epochs=2", "--set", "train.log_steps=true",
+    assert main(["train", str(config), "--set", "train.epochs=2", "--set", "train.log_steps=true",
                  "--set", "train.trackers=[tensorboard, wandb, mlflow]"]) == 0
     run = tmp_path / "runs" / "tiny"
     assert any((run / "tb").rglob("events.out.tfevents.*"))

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from distillab import methods
-from distillab.config import ScheduleConfig, load_config
+from distillab.config import ScheduleConfig
+from distillab.config_files import load_config
 from distillab.engine.schedule import learning_rate
 from distillab.errors import ConfigError
 

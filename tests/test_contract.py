@@ -12,17 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import teacher_changes, tiny_run
 from distillab import methods, models
 from distillab.cli import main
-from distillab.config import load_config
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from distillab.run import load_run_config, train_run
 
 pytestmark = pytest.mark.slow
 
-TINY = ["data.name=digits", "data.val_size=100", "data.train_subset=200", "data.augment.crop_padding=1",
-        "data.augment.flip=false", "train.epochs=2", "train.batch_size=50", "train.schedule.name=constant",
-        "train.optim.lr=0.05", "train.progress=false"]
+# two epochs (cut after the first), four constant-lr steps each
+RUN = ("train.epochs=2", "train.batch_size=50", "train.schedule.name=constant")
 DIGITS = {"num_classes": 10, "in_channels": 1}
 # the few options a method needs to fit 200 tiny images; everything else keeps its defaults
 OPTIONS = {
@@ -43,9 +42,8 @@ def interrupt_after_first_epoch(epoch, record):
 
 def config(out, name: str, method: str, teacher: str):
     needs = methods.get(method).requires_teacher
-    extra = ["teacher.name=resnet8", f"teacher.checkpoint={teacher}"] if needs else []
-    return load_config(None, [*TINY, f"output_dir={out}", f"name={name}", f"method.name={method}", *extra,
-                              *OPTIONS.get(method, [])], base={"student": {"name": "resnet8"}})
+    extra = teacher_changes(teacher, "resnet8") if needs else ()
+    return tiny_run(out, name, *RUN, f"method.name={method}", *extra, *OPTIONS.get(method, []))
 
 
 @pytest.mark.parametrize("method", sorted(methods.available()))

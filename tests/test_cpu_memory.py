@@ -5,9 +5,10 @@ import platform
 import pytest
 import torch
 
+from conftest import tiny_run
 from distillab import methods, models
 from distillab import run as run_module
-from distillab.config import TrainConfig, load_config
+from distillab.config import TrainConfig
 from distillab.data.digits import load_digits
 from distillab.engine import cpu_memory
 from distillab.engine import trainer as trainer_module
@@ -46,8 +47,6 @@ def test_building_a_trainer_has_no_process_wide_side_effects(monkeypatch):
 def test_a_cpu_training_run_applies_it(monkeypatch, tmp_path):
     applied = []
     monkeypatch.setattr(run_module, "keep_freed_memory", lambda: applied.append(True))
-    cfg = load_config(None, ["data.name=digits", "data.train_subset=64", "train.epochs=1", "train.batch_size=32",
-                             "train.progress=false", "method.name=ce", f"output_dir={tmp_path}", "name=r"],
-                      base={"student": {"name": "resnet8"}})
+    cfg = tiny_run(tmp_path, "r", "data.train_subset=64", "train.batch_size=32")
     run_module.train_run(cfg)
     assert applied == [True]

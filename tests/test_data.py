@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from distillab import data as dd
-from distillab.config import AugmentConfig, DataConfig, load_config
+from distillab.config import AugmentConfig, DataConfig
+from distillab.config_files import load_config
 from distillab.data import cifar
 from distillab.data.idx import read_idx_images, read_idx_labels, read_idx_pair
 from distillab.data.loader import crop_flip
@@ -317,7 +318,7 @@ def test_a_registered_dataset_plugs_in_like_the_builtin_ones(monkeypatch):
     assert {"digits", "fashion_mnist", "cifar10", "cifar100", "synthetic"} <= set(registry.available())
     with pytest.raises(ConfigError, match=r"data\.name: unknown dataset 'fashion_minst'; did you mean 'fashion_mnist'"):
         load_config(None, ["data.name=fashion_minst"], base={"student": {"name": "resnet8"}})
-    monkeypatch.setattr(registry, "_DATASETS", dict(registry._DATASETS))  # the plug-in goes again after the test
+    monkeypatch.setattr(registry.DATASETS, "_entries", dict(registry.DATASETS._entries))  # the plug-in goes after
     registry.register("tiny")(lambda cfg: dd.DataSplits(indexed(40), None, indexed(12)))
     splits = dd.load_splits(DataConfig(name="tiny", val_size=10, train_subset=20, test_subset=5))
     assert (len(splits.train), len(splits.val), len(splits.test)) == (20, 10, 5)

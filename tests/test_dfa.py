@@ -13,10 +13,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import teacher_changes, tiny_config
 from distillab import methods, models
 from distillab.bench.suite import load_suite
 from distillab.cli import main
-from distillab.config import TrainConfig, load_config
+from distillab.config import TrainConfig
+from distillab.config_files import load_config
 from distillab.data import DataSplits, ImageDataset
 from distillab.engine.checkpoint import CHECKPOINT_FILE, STUDENT_FILE, load_checkpoint, save_safetensors
 from distillab.engine.trainer import Trainer
@@ -319,15 +321,10 @@ def test_errors_name_the_option(tmp_path):
 def dfa_config(tmp_path, name="dfa", search="epochs_per_group: 1, beta_lr: 0.01", epochs=1):
     teacher, _ = nets()
     save_safetensors(teacher, tmp_path / "teacher.safetensors")  # an untrained teacher: the pipeline is tested
-    config = tmp_path / f"{name}.yaml"
-    config.write_text(
-        f"output_dir: {tmp_path / 'runs'}\nname: {name}\n"
-        "data: {name: digits, val_size: 200, train_subset: 400, augment: {crop_padding: 1, flip: false}}\n"
-        f"teacher: {{name: resnet14, checkpoint: {tmp_path / 'teacher.safetensors'}}}\n"
-        "student: {name: resnet8}\n"
-        f"method: {{name: dfa, options: {{fd_weight: 1.0, search: {{{search}}}}}}}\n"
-        f"train: {{epochs: {epochs}, batch_size: 50, progress: false}}\n")
-    return config
+    return tiny_config(tmp_path, name, "data.val_size=200", "data.train_subset=400",
+                       *teacher_changes(tmp_path / "teacher.safetensors", "resnet14"), "method.name=dfa",
+                       f"method.options={{fd_weight: 1.0, search: {{{search}}}}}", f"train.epochs={epochs}",
+                       "train.batch_size=50")
 
 
 def test_search_then_distil_is_one_run_of_two_stages(tmp_path, capsys):
@@ -400,9 +397,11 @@ def test_a_search_stopped_mid_group_resumes_to_the_same_weights(tmp_path):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_configs_validate(path):
     cfg = load_config(path)
+    # every config here but the teacher's is a dfa run, which must weight its feature distance: fd_weight has no
+    # default (validation refuses a missing one), and 0 would train plain CE under the dfa name
+    assert (cfg.method.name == "dfa") == (not path.stem.startswith("teacher_")), cfg.method.name
     if cfg.method.name == "dfa":
-        opts = validate_options(DFA, cfg.method.options)
-        assert opts.fd_weight is not None
+        assert validate_options(DFA, cfg.method.options).fd_weight > 0
 
 
 def test_suite_compares_ce_fitnet_and_the_four_weightings():

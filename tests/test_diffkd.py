@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import teacher_changes, tiny_run
 from distillab import methods, models
-from distillab.config import load_config
+from distillab.config_files import load_config
 from distillab.errors import ConfigError
 from distillab.features import FeatureTap
 from distillab.methods.diffkd import (
@@ -333,19 +334,9 @@ def test_other_models_must_name_the_feature_layer(pair):
 
 
 # -- a tiny real run ------------------------------------------------------------------------------------
-TINY = ["data.name=digits", "data.val_size=200", "data.augment.crop_padding=1", "data.augment.flip=false",
-        "data.train_subset=500", "train.batch_size=64", "train.schedule.name=cosine", "train.optim.lr=0.05",
-        "train.progress=false"]
-
-
-def test_digits_run_trains_and_ships_the_plain_student(tmp_path):
-    base = {"student": {"name": "resnet14"}}
-    teacher = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=teacher", "method.name=ce",
-                                 "train.epochs=3"], base=base)
-    train_run(teacher)
-    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=diffkd", "method.name=diffkd",
-                             "train.epochs=3", "teacher.name=resnet14", f"teacher.checkpoint={teacher.run_dir}",
-                             "student.name=resnet8"], base=base)
+def test_digits_run_trains_and_ships_the_plain_student(tmp_path, digits_teacher):
+    cfg = tiny_run(tmp_path, "diffkd", "data.val_size=200", "data.train_subset=500", "train.epochs=3",
+                   "train.schedule.name=cosine", "method.name=diffkd", *teacher_changes(digits_teacher))
     summary = train_run(cfg)
     assert summary["test_acc"] > 30.0  # chance is 10%
     records = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from distillab.config import load_config
+from distillab.config_files import load_config
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 

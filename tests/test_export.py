@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import teacher_changes, tiny_config
 from distillab import models
 from distillab.cli import main
 from distillab.errors import CheckpointError
@@ -92,12 +93,7 @@ def test_a_file_without_a_card_is_named(tmp_path):
 
 
 def test_cli_exports_a_finished_run_in_each_format(tmp_path, untrained_digits_teacher, capsys):
-    config = tmp_path / "run.yaml"
-    config.write_text(f"output_dir: {tmp_path / 'runs'}\nname: kd\n"
-                      f"teacher: {{name: resnet8, checkpoint: {untrained_digits_teacher}}}\n"
-                      "student: {name: resnet8}\nmethod: {name: kd}\n"
-                      "data: {name: digits, val_size: 100, augment: {flip: false}}\n"
-                      "train: {epochs: 1, progress: false}\n")
+    config = tiny_config(tmp_path, "kd", "method.name=kd", *teacher_changes(untrained_digits_teacher, "resnet8"))
     assert main(["train", str(config)]) == 0
     run = tmp_path / "runs" / "kd"
     formats = ["safetensors", "torch-export"]

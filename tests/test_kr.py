@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import wasserstein_distance
 
+from conftest import teacher_changes, tiny_run
 from distillab import methods, models
-from distillab.config import load_config
 from distillab.errors import ConfigError
 from distillab.losses import kd_loss
 from distillab.methods.kr import (
@@ -303,30 +303,15 @@ def test_option_errors_name_the_option():
 
 
 # ----------------------------------------------------------------------------------- tiny real runs
-TINY = ["data.name=digits", "data.val_size=200", "data.train_subset=600", "data.augment.crop_padding=1",
-        "data.augment.flip=false", "train.epochs=3", "train.batch_size=50", "train.schedule.name=cosine",
-        "train.optim.lr=0.05", "train.progress=false"]
-
-
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kr_teacher")
-    cfg = load_config(None, [*TINY, f"output_dir={out}", "name=teacher", "method.name=ce"],
-                      base={"student": {"name": "resnet14"}})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # module fixtures run before the per-test `_one_thread`
-    try:
-        train_run(cfg)
-    finally:
-        torch.set_num_threads(threads)
-    return cfg.run_dir
+# 600 training images, three cosine epochs in batches of 50
+RUN = ("data.val_size=200", "data.train_subset=600", "train.epochs=3", "train.batch_size=50",
+       "train.schedule.name=cosine")
 
 
 @pytest.mark.parametrize("space", ["features", "weights"])
 def test_tiny_digits_run_trains(tmp_path, digits_teacher, space):
-    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=kr", "method.name=kr",
-                             f"method.options.space={space}", "teacher.name=resnet14",
-                             f"teacher.checkpoint={digits_teacher}"], base={"student": {"name": "resnet8"}})
+    cfg = tiny_run(tmp_path, "kr", *RUN, "method.name=kr", f"method.options.space={space}",
+                   *teacher_changes(digits_teacher))
     summary = train_run(cfg)
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss_ce"] < records[0]["loss_ce"]

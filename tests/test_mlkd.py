@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import teacher_changes, tiny_config
 from distillab import methods, models
 from distillab.cli import main
-from distillab.config import load_config
+from distillab.config_files import load_config
 from distillab.engine.checkpoint import save_safetensors
 from distillab.losses import MLKD_TEMPERATURES as TEMPERATURES
 from distillab.losses import at_most_median, mlkd_terms
@@ -128,14 +129,11 @@ def test_unikd_variant_b_is_mlkd_plus_the_unikd_terms_on_both_views():
 @pytest.mark.parametrize("method", ["mlkd", "unikd"])
 def test_two_view_methods_train_from_the_cli(tmp_path, method):
     options = "{logit_loss: mlkd}" if method == "unikd" else "{}"
-    config = tmp_path / "run.yaml"
     torch.manual_seed(0)
     save_safetensors(models.build("resnet14", num_classes=10, in_channels=1), tmp_path / "teacher.safetensors")
-    config.write_text(f"output_dir: {tmp_path / 'runs'}\nname: two_views\n"
-                      "data: {name: digits, val_size: 100, train_subset: 200, augment: {crop_padding: 1}}\n"
-                      f"teacher: {{name: resnet14, checkpoint: {tmp_path / 'teacher.safetensors'}}}\n"
-                      f"student: {{name: resnet8}}\nmethod: {{name: {method}, options: {options}}}\n"
-                      "train: {epochs: 1, batch_size: 50, progress: false}\n")
+    config = tiny_config(tmp_path, "two_views", "data.augment.flip=true", "train.batch_size=50",
+                         *teacher_changes(tmp_path / "teacher.safetensors", "resnet14"), f"method.name={method}",
+                         f"method.options={options}")
     assert main(["train", str(config)]) == 0
     assert (tmp_path / "runs" / "two_views" / "summary.json").is_file()
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import teacher_changes, tiny_config
 from distillab import methods, models
 from distillab.cli import main
 from distillab.engine.checkpoint import load_weights, save_safetensors
@@ -124,12 +125,7 @@ def saved_hf_vit(tmp_path_factory):
 @pytest.mark.parametrize("method", ["fitnet", "diffkd", "rdr", "unikd"])
 def test_an_hf_vit_teaches_a_zoo_cnn_from_a_yaml_config(tmp_path, saved_hf_vit, method):
     """`hf:<directory>` with its saved weights as the teacher (no teacher.checkpoint), a YAML run, export."""
-    config = tmp_path / "run.yaml"
-    config.write_text(f"output_dir: {tmp_path / 'runs'}\nname: from_hf\n"
-                      f"teacher: {{name: 'hf:{saved_hf_vit}'}}\n"
-                      f"student: {{name: resnet8}}\nmethod: {{name: {method}}}\n"
-                      "data: {name: digits, val_size: 100, augment: {flip: false}}\n"
-                      "train: {epochs: 1, progress: false}\n")
+    config = tiny_config(tmp_path, "from_hf", f"teacher.name='hf:{saved_hf_vit}'", f"method.name={method}")
     assert main(["train", str(config)]) == 0
     run = tmp_path / "runs" / "from_hf"
     summary = (run / "summary.json").read_text()
@@ -140,13 +136,9 @@ def test_an_hf_vit_teaches_a_zoo_cnn_from_a_yaml_config(tmp_path, saved_hf_vit, 
 
 def test_an_hf_student_trains_and_evaluates_from_the_cli(tmp_path, untrained_digits_teacher):
     pytest.importorskip("transformers")
-    config = tmp_path / "run.yaml"
-    config.write_text(f"output_dir: {tmp_path / 'runs'}\nname: hf_student\n"
-                      f"teacher: {{name: resnet8, checkpoint: {untrained_digits_teacher}}}\n"
-                      "student: {name: 'hf:resnet', kwargs: {embedding_size: 8, hidden_sizes: [8, 16],"
-                      " depths: [1, 1], layer_type: basic}}\nmethod: {name: kd}\n"
-                      "data: {name: digits, val_size: 100, augment: {flip: false}}\n"
-                      "train: {epochs: 1, progress: false}\n")
+    config = tiny_config(tmp_path, "hf_student", *teacher_changes(untrained_digits_teacher, "resnet8"),
+                         "student.name='hf:resnet'", "student.kwargs={embedding_size: 8, hidden_sizes: [8, 16], "
+                         "depths: [1, 1], layer_type: basic}", "method.name=kd")
     assert main(["train", str(config)]) == 0
     assert main(["eval", str(tmp_path / "runs" / "hf_student")]) == 0
 

@@ -8,7 +8,7 @@ import torch
 
 from distillab import models
 from distillab.cli import main
-from distillab.config import load_config
+from distillab.config_files import load_config
 from distillab.data import load_splits
 from distillab.engine.checkpoint import load_weights, read_state_dict
 from distillab.errors import CheckpointError

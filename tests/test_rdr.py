@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import teacher_changes, tiny_run
 from distillab import methods, models
 from distillab.cli import main
-from distillab.config import load_config
 from distillab.data import load_splits
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from distillab.engine.evaluate import eval_loader, evaluate
@@ -509,26 +509,19 @@ def test_vit_teacher_feature_is_pooled_to_the_student_map():
 
 
 # ---- integration: digits through the trainer, resume, `distillab export` --------------------------------
-TINY = ["data.name=digits", "data.val_size=100", "data.train_subset=300", "data.augment.crop_padding=1",
-        "data.augment.flip=false", "train.epochs=2", "train.batch_size=50", "train.schedule.name=constant",
-        "train.optim.lr=0.05", "train.progress=false"]
+# 300 training images, two constant-lr epochs in batches of 50 (cut after the first)
+RUN = ("data.train_subset=300", "train.epochs=2", "train.batch_size=50", "train.schedule.name=constant")
 DIGITS_PARAMS = {"num_classes": 10, "in_channels": 1}
 
 
-@pytest.fixture(scope="module")
-def digits_teacher(untrained_digits_teacher) -> str:
-    return untrained_digits_teacher
-
-
 def digits_config(out, teacher: str, name: str, *extra: str):
-    return load_config(None, [*TINY, f"output_dir={out}", f"name={name}", "method.name=rdr", "method.options.K=3",
-                              "teacher.name=resnet8", f"teacher.checkpoint={teacher}", *extra],
-                       base={"student": {"name": "resnet8"}})
+    return tiny_run(out, name, *RUN, "method.name=rdr", "method.options.K=3", *teacher_changes(teacher, "resnet8"),
+                    *extra)
 
 
 @pytest.fixture(scope="module")
-def rdr_run(tmp_path_factory, digits_teacher):
-    cfg = digits_config(tmp_path_factory.mktemp("rdr_run"), digits_teacher, "full")
+def rdr_run(tmp_path_factory, untrained_digits_teacher):
+    cfg = digits_config(tmp_path_factory.mktemp("rdr_run"), untrained_digits_teacher, "full")
     return cfg, train_run(cfg)
 
 
@@ -547,12 +540,12 @@ class Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, digits_teacher, rdr_run):
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path, untrained_digits_teacher, rdr_run):
     def stop_after_first_epoch(epoch, _record):
         if epoch == 1:
             raise Interrupt
 
-    cut = digits_config(tmp_path, digits_teacher, "cut")
+    cut = digits_config(tmp_path, untrained_digits_teacher, "cut")
     with pytest.raises(Interrupt):
         train_run(cut, on_epoch_end=stop_after_first_epoch)
     train_run(load_run_config(cut.run_dir), resume=True)
@@ -587,8 +580,9 @@ def test_export_can_fuse_the_merged_bn(rdr_run, tmp_path):
     assert len(plain) - len(fused) == 4  # bn2's five entries are gone, conv2.bias is new
 
 
-def test_export_of_another_method_is_its_student(tmp_path, digits_teacher, capsys):
-    cfg = digits_config(tmp_path, digits_teacher, "ce", "method.name=ce", "method.options={}", "train.epochs=1")
+def test_export_of_another_method_is_its_student(tmp_path, untrained_digits_teacher, capsys):
+    cfg = digits_config(tmp_path, untrained_digits_teacher, "ce", "method.name=ce", "method.options={}",
+                        "train.epochs=1")
     train_run(cfg)
     out = tmp_path / "ce.safetensors"
     assert main(["export", str(cfg.run_dir), "--output", str(out)]) == 0
@@ -596,9 +590,9 @@ def test_export_of_another_method_is_its_student(tmp_path, digits_teacher, capsy
     assert exported.keys() == shipped.keys() and all(torch.equal(exported[k], shipped[k]) for k in shipped)
 
 
-def test_export_of_a_memory_bank_method_works(tmp_path, digits_teacher):
+def test_export_of_a_memory_bank_method_works(tmp_path, untrained_digits_teacher):
     """CRD's memory bank is made from the training set's labels: export builds the same complete method."""
-    cfg = digits_config(tmp_path, digits_teacher, "crd", "method.name=crd",
+    cfg = digits_config(tmp_path, untrained_digits_teacher, "crd", "method.name=crd",
                         "method.options={num_negatives: 64, feat_dim: 16}", "train.epochs=1")
     train_run(cfg)
     out = tmp_path / "crd.safetensors"

@@ -6,19 +6,18 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
+from conftest import tiny_config, tiny_settings
 from distillab.cli import main
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
-RUN = ("data: {name: digits, val_size: 100, train_subset: 256, augment: {flip: false}}\n"
-       "student: {name: resnet8}\nmethod: {name: ce}\n"
-       "train: {epochs: 2, batch_size: 64, progress: false}\n")
+# two epochs on 256 images: a finished run to resume, extend and refuse changes to (its subset is not 200)
+RUN = ("data.train_subset=256", "train.epochs=2")
 
 
-def write_config(tmp_path, name: str, text: str = RUN):
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(f"output_dir: {tmp_path / 'runs'}\nname: {name}\n{text}")
-    return path
+def write_config(tmp_path, name: str, *changes: str):
+    return tiny_config(tmp_path, name, *RUN, *changes)
 
 
 def snapshot(run_dir):
@@ -93,7 +92,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_good_one(tmp_path, monkeypatch
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_until_disk_full)
-    cfg = write_config(tmp_path, "full", RUN.replace("epochs: 2", "epochs: 3"))
+    cfg = write_config(tmp_path, "full", "train.epochs=3")
     assert main(["train", str(cfg)]) == 2
     err = one_line(capsys)
     assert "no space left on device while writing" in err and "the last good checkpoint, epoch 1, is kept" in err
@@ -115,9 +114,10 @@ def test_report_skips_a_torn_last_metrics_line(finished, tmp_path, capsys):
 def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
     bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
-    path = write_config(tmp_path, "bomb", RUN + "method: {name: ce, options: {label_smoothing: {x: *i}}}\n"
-                        .replace("method: {name: ce}\n", ""))
-    path.write_text(bomb + path.read_text())
+    settings = tiny_settings(*RUN, f"output_dir={tmp_path / 'runs'}", "name=bomb")
+    del settings["method"]  # given below, through the alias
+    path = tmp_path / "bomb.yaml"
+    path.write_text(bomb + "method: {name: ce, options: {label_smoothing: {x: *i}}}\n" + yaml.safe_dump(settings))
     assert main(["train", str(path)]) == 2
     assert "YAML expands to more than" in one_line(capsys)
 
@@ -151,7 +151,7 @@ def test_export_to_an_existing_directory_is_one_line(finished, tmp_path, capsys)
 
 
 def test_eval_every_evaluates_on_its_epochs_and_always_the_last(tmp_path):
-    cfg = write_config(tmp_path, "sparse", RUN.replace("epochs: 2,", "epochs: 5, eval_every: 2,"))
+    cfg = write_config(tmp_path, "sparse", "train.epochs=5", "train.eval_every=2")
     assert main(["train", str(cfg)]) == 0
     run_dir = tmp_path / "runs" / "sparse"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -7,12 +7,13 @@ import pytest
 import torch
 import yaml
 
+from conftest import tiny_config
 from distillab.bench.plots import curves_of
 from distillab.bench.report import report
 from distillab.bench.stats import paired_difference, verdict
 from distillab.bench.suite import entry_config, grid_points, load_suite, overrides_of, run_suite, tune_suite
 from distillab.cli import main
-from distillab.config import dump_config
+from distillab.config_files import dump_config
 from distillab.engine.checkpoint import CHECKPOINT_FILE
 from distillab.engine.lock import RunLock, RunLockedError
 from distillab.errors import ConfigError, DistillabError
@@ -21,10 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_suite_of_two_methods_two_seeds_aggregates_and_resumes(tmp_path):
-    cfg = tmp_path / "ce.yaml"
-    cfg.write_text("student: {name: resnet8}\nmethod: {name: ce}\n"
-                   "data: {name: digits, val_size: 100, train_subset: 300, augment: {flip: false}}\n"
-                   "train: {epochs: 1, batch_size: 64, progress: false}\n")
+    cfg = tiny_config(tmp_path, "ce", "data.train_subset=300")  # the suite names and places each run
     suite_file = tmp_path / "suite.yaml"
     suite_file.write_text(f"name: tiny\noutput_dir: {tmp_path / 'runs'}\nresults_dir: {tmp_path / 'results'}\n"
                           f"runs:\n  ce: {{config: {cfg}}}\n"
@@ -83,14 +81,11 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path):
 T_975_1 = 12.706204736  # Student's t, 97.5 % quantile, 1 degree of freedom (printed tables)
 T_975_4 = 2.776445105   # ... 4 degrees of freedom
 
-TINY_CE = ("student: {name: resnet8}\nmethod: {name: ce}\n"
-           "data: {name: digits, val_size: 100, train_subset: 300, augment: {flip: false}}\n"
-           "train: {epochs: 3, batch_size: 64, progress: false}\n")
+TINY_CE = ("data.train_subset=300", "train.epochs=3")
 
 
 def write_suite(tmp_path, extra: str = "") -> tuple:
-    cfg = tmp_path / "ce.yaml"
-    cfg.write_text(TINY_CE)
+    cfg = tiny_config(tmp_path, "ce", *TINY_CE)
     budget = tmp_path / "budget.yaml"
     budget.write_text("train: {epochs: 1}\n")  # laid over the entry's 3 epochs
     suite_file = tmp_path / "suite.yaml"
@@ -224,8 +219,7 @@ def test_run_lock_names_its_holder_and_is_free_after_release(tmp_path):
 
 
 def test_training_into_a_locked_run_directory_is_refused(tmp_path, capsys):
-    cfg = tmp_path / "ce.yaml"
-    cfg.write_text(f"output_dir: {tmp_path / 'runs'}\nname: busy\n{TINY_CE}")
+    cfg = tiny_config(tmp_path, "busy", *TINY_CE)
     (tmp_path / "runs" / "busy").mkdir(parents=True)
     with RunLock(tmp_path / "runs" / "busy"):
         assert main(["train", str(cfg), "--force"]) == 2
@@ -239,7 +233,7 @@ def test_the_shipped_teachers_load_and_match_their_budgets_sha256(monkeypatch, b
     from pathlib import Path
 
     from distillab import models
-    from distillab.config import read_config_file
+    from distillab.config_files import read_config_file
     from distillab.engine.checkpoint import load_weights
 
     root = Path(__file__).resolve().parents[1]

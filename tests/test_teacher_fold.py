@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import teacher_changes, tiny_config
 from distillab import methods, models
 from distillab.engine.teacher_fold import fold_batchnorm, fold_frozen_teacher, foldable_pairs, same_outputs
 from distillab.features import FeatureTap
@@ -101,12 +102,8 @@ def test_a_method_with_a_folded_teacher_computes_the_same_terms_and_its_taps_fol
 def test_training_with_a_folded_teacher_records_how_many_bns_folded(tmp_path, untrained_digits_teacher):
     from distillab.cli import main
 
-    config = tmp_path / "run.yaml"
-    config.write_text(f"output_dir: {tmp_path / 'runs'}\nname: folded\n"
-                      f"teacher: {{name: resnet8, checkpoint: {untrained_digits_teacher}}}\n"
-                      "student: {name: resnet8}\nmethod: {name: fitnet}\n"
-                      "data: {name: digits, val_size: 100, augment: {crop_padding: 1, flip: false}}\n"
-                      "train: {epochs: 1, progress: false, fold_teacher_bn: true}\n")
+    config = tiny_config(tmp_path, "folded", *teacher_changes(untrained_digits_teacher, "resnet8"),
+                         "method.name=fitnet", "train.fold_teacher_bn=true")
     assert main(["train", str(config)]) == 0
     import json
 

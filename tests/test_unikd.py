@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import teacher_changes, tiny_run
 from distillab import methods, models
-from distillab.config import load_config
+from distillab.config_files import load_config
 from distillab.errors import ConfigError
 from distillab.losses import dkd_loss, gaussian_kl, kd_loss
 from distillab.methods import unikd
@@ -380,23 +381,13 @@ def test_non_zoo_student_needs_its_layers_named():
 
 
 # -- a tiny real run ----------------------------------------------------------------------------------
-TINY = ["data.name=digits", "data.val_size=200", "data.augment.crop_padding=1", "data.augment.flip=false",
-        "train.batch_size=64", "train.schedule.name=cosine", "train.optim.lr=0.05", "train.progress=false"]
-
-
-@pytest.fixture
-def digits_teacher(tmp_path_factory):
-    out = tmp_path_factory.mktemp("teacher")
-    cfg = load_config(None, [*TINY, f"output_dir={out}", "name=teacher", "method.name=ce", "train.epochs=3"],
-                      base={"student": {"name": "resnet8"}})
-    train_run(cfg)
-    return cfg.run_dir
+# the whole training split less 200 for validation, cosine schedule
+RUN = ("data.val_size=200", "data.train_subset=", "train.schedule.name=cosine")
 
 
 def test_tiny_digits_run_trains(tmp_path, digits_teacher):
-    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", "name=unikd", "method.name=unikd", "train.epochs=3",
-                             "method.options.warmup=1", "teacher.name=resnet8",
-                             f"teacher.checkpoint={digits_teacher}"], base={"student": {"name": "resnet8"}})
+    cfg = tiny_run(tmp_path, "unikd", *RUN, "method.name=unikd", "train.epochs=3", "method.options.warmup=1",
+                   *teacher_changes(digits_teacher))
     summary = train_run(cfg)
     lines = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {"loss_ce", "loss_dkd", "loss_feat", "loss_supp"} <= set(lines[0])
@@ -431,10 +422,9 @@ def test_with_its_feature_terms_at_zero_a_unikd_run_ends_with_dkds_weights_bit_f
     identical, so any gap between unikd_no_feat and dkd in a table is not a coupling of the side modules."""
     weights, cache_s = {}, {}
     for name, extra in (("dkd", []), ("unikd", ["method.options.feat_weight=0", "method.options.supp_weight=0"])):
-        cfg = load_config(None, [*TINY, f"output_dir={tmp_path}", f"name={name}", f"method.name={name}",
-                                 "train.epochs=2", "data.augment.crop_padding=0", "method.options.nckd_weight=2",
-                                 "method.options.warmup=2", "teacher.name=resnet8",
-                                 f"teacher.checkpoint={digits_teacher}", *extra], base={"student": {"name": "resnet8"}})
+        cfg = tiny_run(tmp_path, name, *RUN, f"method.name={name}", "train.epochs=2", "data.augment.crop_padding=0",
+                       "method.options.nckd_weight=2", "method.options.warmup=2", *teacher_changes(digits_teacher),
+                       *extra)
         cache_s[name] = train_run(cfg).get("teacher_cache_s")
         weights[name] = load_file(cfg.run_dir / "student.safetensors")
     assert cache_s["dkd"] is not None and cache_s["unikd"] is None

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distillab.cli import main
-from distillab.config import load_config
+from distillab.config_files import load_config
 from distillab.engine.checkpoint import CHECKPOINT_FILE, STUDENT_FILE, load_checkpoint, save_checkpoint
 from distillab.run import RUN_MARKER, train_run
 

@@ -250,8 +250,8 @@ def _eval(args: argparse.Namespace) -> int:
     from distillab import models
     from distillab.data import load_splits
     from distillab.engine.checkpoint import load_weights
+    from distillab.engine.device import resolve_device
     from distillab.engine.evaluate import eval_loader, evaluate
-    from distillab.engine.trainer import resolve_device
     from distillab.run import load_run_config
 
     cfg = load_run_config(args.run_dir, args.overrides, allow_code=args.allow_code)

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distillab.config import RunConfig
-from distillab.engine.trainer import SUMMARY_FILE
+from distillab.engine.run_files import SUMMARY_FILE
 from distillab.run import CONFIG_FILE, same_config, train_run
 
 TEACHER = "resnet32"

@@ -21,17 +21,12 @@ from distillab.config_files import dump_config, load_config, merge
 from distillab.data import DataSplits, load_splits
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights, write_text_atomic
 from distillab.engine.cpu_memory import keep_freed_memory
+from distillab.engine.device import resolve_device
 from distillab.engine.distributed import World, barrier, broadcast_flag, init_world, local_device
 from distillab.engine.lock import LOCK_FILE, RunLock
+from distillab.engine.run_files import SUMMARY_FILE
 from distillab.engine.trackers import check_trackers
-from distillab.engine.trainer import (
-    SUMMARY_FILE,
-    Trainer,
-    TrainingStopped,
-    check_batch,
-    check_setup,
-    resolve_device,
-)
+from distillab.engine.trainer import Trainer, TrainingStopped, check_batch, check_setup
 from distillab.errors import CheckpointError, ConfigError, DistillabError
 
 CONFIG_FILE = "config.yaml"

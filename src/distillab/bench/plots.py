@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from distillab.engine.checkpoint import atomic_write, describe_write_failure
-from distillab.engine.trainer import read_metrics
+from distillab.engine.run_files import read_metrics
 from distillab.errors import DistillabError
 
 CURVE_PANELS = (("test_acc", "test top-1 accuracy (%)"), ("test_loss", "test cross-entropy"),

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from distillab.bench.plots import curves_of, plot_curves, written_by_distillab
 from distillab.config_files import read_text, safe_yaml
-from distillab.engine.trainer import read_metrics
+from distillab.engine.run_files import read_metrics
 from distillab.errors import DistillabError
 from distillab.run import CONFIG_FILE
 

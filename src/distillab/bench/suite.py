@@ -48,7 +48,7 @@ from distillab.config import RunConfig, StrictModel, format_validation_error
 from distillab.config_files import load_config, read_text, safe_yaml
 from distillab.engine.checkpoint import CHECKPOINT_FILE, write_text_atomic
 from distillab.engine.lock import RunLock, RunLockedError
-from distillab.engine.trainer import METRICS_FILE, SUMMARY_FILE
+from distillab.engine.run_files import METRICS_FILE, SUMMARY_FILE
 from distillab.errors import ConfigError
 from distillab.run import CONFIG_FILE, RUN_MARKER, STAGES_DIR, RunExistsError, holds_a_run, same_config, train_run
 

@@ -40,7 +40,8 @@ from distillab.config import (
 from distillab.data import DataSplits
 from distillab.data.splits import synthetic
 from distillab.engine.cpu_memory import keep_freed_memory
-from distillab.engine.trainer import Trainer, device_name, resolve_device
+from distillab.engine.device import device_name, resolve_device
+from distillab.engine.trainer import Trainer
 from distillab.errors import ConfigError
 
 MIN_TRAIN_SIZE = 20_000  # methods with a memory bank (CRD: 16,384 negatives) need a training set this large

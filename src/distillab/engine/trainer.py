@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
-import os
 import platform
-import re
 import signal
 import threading
 import time
@@ -37,8 +34,10 @@ from distillab.engine.checkpoint import (
     save_safetensors,
     write_text_atomic,
 )
+from distillab.engine.device import autocast_dtype, data_parallel, device_name, resolve_device
 from distillab.engine.distributed import World, all_reduce_sum, barrier, broadcast_flag, current_world, local_device
 from distillab.engine.evaluate import eval_loader, evaluate_sums
+from distillab.engine.run_files import METRICS_FILE, STEPS_FILE, SUMMARY_FILE, read_metrics
 from distillab.engine.schedule import learning_rate
 from distillab.engine.teacher_cache import build_teacher_cache
 from distillab.engine.teacher_fold import fold_frozen_teacher
@@ -46,41 +45,7 @@ from distillab.engine.trackers import CSV_FILE, Trackers, write_csv
 from distillab.errors import CheckpointError, DistillabError
 from distillab.methods.base import Method
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
 CIFAR_AUGMENT = AugmentConfig(crop_padding=4, flip=True)
-
-
-STEPS_FILE = "steps.jsonl"
-
-
-def read_metrics(run_dir: Path, console: Console | None = None) -> list[dict[str, Any]]:
-    """The per-epoch records of a run (its metrics.jsonl). A torn last line (a run killed mid-write) is
-    skipped with a warning; a bad line before it is an error naming the file and line."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    records = []
-    for i, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines):
-                raise DistillabError(f"{path}: line {i} is not a JSON record (the file is damaged)") from None
-            (console or Console(stderr=True)).print(f"warning: {path}: skipped a torn last line (a run stopped "
-                                                    "mid-write)")
-            continue
-        epoch = record.get("epoch") if isinstance(record, dict) else None
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-            raise DistillabError(f"{path}: line {i} is not an epoch's record (its epoch is {epoch!r}, not a count "
-                                 "from 1): the file was edited or damaged")
-        bad = next((k for k, v in record.items() if not isinstance(v, (int, float)) or isinstance(v, bool)), None)
-        if bad is not None:
-            raise DistillabError(f"{path}: line {i}: {bad} is {record[bad]!r}, not a number: the file was edited or "
-                                 "damaged")
-        records.append(record)
-    return records
 
 
 class NonFiniteLossError(DistillabError):
@@ -93,29 +58,6 @@ class TrainingStopped(DistillabError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.signum = signum
-
-
-def resolve_device(name: str) -> torch.device:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
-        raise DistillabError(f"device {name!r}: choose auto, cpu, cuda or cuda:N")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DistillabError(f"train.device={name!r} but CUDA is not available; use cpu or auto")
-    return device
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `train.amp`: auto is bf16 on a CUDA device that supports it, fp16 (with a gradient
-    scaler) on one that does not, off on the CPU; an explicit bf16 on a GPU without it is refused."""
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    if amp == "auto":
-        return None if device.type != "cuda" else torch.bfloat16 if bf16_ok else torch.float16
-    if amp == "bf16" and not bf16_ok:
-        raise DistillabError(f"train.amp=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use "
-                             "amp: fp16 (or auto, which picks it)")
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
 TEACHER_CACHE_MAX_BYTES = 4 * 2**30
@@ -630,31 +572,3 @@ class Trainer:
                             "world_size": self.world.world_size,
                             "python": platform.python_version()},
         }
-
-
-def data_parallel(method: Method, device: torch.device, find_unused_parameters: bool = False,
-                  ) -> torch.nn.parallel.DistributedDataParallel:
-    """`method` wrapped in DDP with its frozen teacher left out: the teacher's parameters are not in the gradient
-    reducer and its buffers (BN statistics, identical on every rank and never updated) are not broadcast each
-    step. The student's and the side modules' buffers still come from rank 0 at every forward."""
-    teacher = [f"teacher.{name}" for name, _ in itertools.chain(method.teacher.named_parameters(),
-                                                              method.teacher.named_buffers())
-               ] if method.teacher is not None else []
-    # torch's (private, long-standing) hook for this; tests/test_distributed.py pins its effect
-    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, teacher)
-    return torch.nn.parallel.DistributedDataParallel(
-        method, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=find_unused_parameters)
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model (from /proc/cpuinfo where there is one) and its core count."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model} ({os.cpu_count()} cores)"
