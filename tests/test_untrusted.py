@@ -16,6 +16,7 @@ from distillab.cli import main
 from distillab.config_files import load_config
 from distillab.engine.checkpoint import CHECKPOINT_FILE, STUDENT_FILE, load_checkpoint, save_checkpoint
 from distillab.run import RUN_MARKER, train_run
+from test_records import one_line, snapshot
 
 RUN = ("data: {name: digits, val_size: 100, train_subset: 256, augment: {flip: false, crop_padding: 0}}\n"
        "student: {name: resnet8}\nmethod: {name: ce}\n"
@@ -26,17 +27,6 @@ def write_config(tmp_path, name: str, text: str = RUN):
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"output_dir: {tmp_path / 'runs'}\nname: {name}\n{text}")
     return path
-
-
-def snapshot(run_dir):
-    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()
-            and p.name != ".lock"}
-
-
-def one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("distillab: error:") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def refused(capsys, argv, fragment: str) -> str:
