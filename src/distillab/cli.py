@@ -224,13 +224,9 @@ def _search(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from distillab import models
     from distillab.engine.checkpoint import describe_write_failure, load_weights, save_safetensors
-    from distillab.run import refuse_inside_runs
+    from distillab.run import check_new_file
 
-    if args.output.is_dir():
-        raise DistillabError(f"{args.output} is a directory: name the .safetensors file to write")
-    refuse_inside_runs(args.output, "output")
-    if args.output.exists() and not args.force:
-        raise DistillabError(f"{args.output} exists: pass --force to overwrite it")
+    check_new_file(args.output, args.force, "output")
     model = models.build(args.model, num_classes=args.num_classes, in_channels=args.in_channels)
     load_weights(model, args.input, args.model)  # any known layout, checked key by key
     try:
@@ -355,11 +351,9 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     if args.channels_last is not None:
         spec.channels_last = args.channels_last
     if args.output is not None:
-        from distillab.run import refuse_inside_runs
+        from distillab.run import check_new_file
 
-        refuse_inside_runs(args.output)
-        if args.output.exists() and not args.force:
-            raise DistillabError(f"--output {args.output} exists: pass --force to overwrite it, or name a new file")
+        check_new_file(args.output, args.force)
     console = Console()
     result = measure(spec, console)
     output = args.output or unused_path(default_output(spec))

@@ -33,7 +33,7 @@ from distillab.engine.checkpoint import (
     save_safetensors,
 )
 from distillab.errors import CheckpointError, ConfigError, DistillabError
-from distillab.run import build_method, load_run_config, refuse_inside_runs
+from distillab.run import build_method, check_new_file, load_run_config
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torch-export": ".pt2"}
 EXPORT_STEM = "exported_student"
@@ -103,19 +103,19 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, overrides:
 def check_output(path: Path, run_dir: Path, force: bool, suffix: str) -> None:
     """Where an export may write: never inside a run directory other than `run_dir` (nor its stages), inside
     `run_dir` only beside its files and never over one of them, and over an existing file only with `force`."""
-    if path.is_dir():
-        raise DistillabError(f"--output {path} is a directory: name the {suffix} file to write")
     own, target = run_dir.resolve(), path.expanduser().resolve()
-    if own in target.parents and target.parent != own:
+    if own not in target.parents:
+        check_new_file(path, force)
+        return
+    if target.parent != own:
         raise DistillabError(f"--output {path}: inside the run's {target.parent.relative_to(own)} folder, which "
                              "holds the run's own files: write beside them, or outside the run")
-    if own not in target.parents:
-        refuse_inside_runs(path)
-    if path.exists():
-        if target.parent == own and not _is_export(path):
-            raise DistillabError(f"--output {path}: one of the run's own files, which export never replaces")
-        if not force:
-            raise DistillabError(f"--output {path} exists: pass --force to replace it, or name a new file")
+    if path.is_dir():
+        raise DistillabError(f"--output {path} is a directory: name the {suffix} file to write")
+    if path.exists() and not _is_export(path):
+        raise DistillabError(f"--output {path}: one of the run's own files, which export never replaces")
+    if path.exists() and not force:
+        raise DistillabError(f"--output {path} exists: pass --force to replace it, or name a new file")
 
 
 def _is_export(path: Path) -> bool:

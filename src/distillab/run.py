@@ -186,18 +186,22 @@ def prepare_run_dir(run_dir: Path, clear: bool, run_id: str) -> None:
         raise DistillabError(f"cannot prepare the run directory {run_dir}: {exc.strerror or exc}") from None
 
 
-def run_holding(path: Path) -> Path | None:
-    """The run directory (one with a run marker) that `path` would lie inside, or None."""
-    return next((folder for folder in Path(path).expanduser().resolve().parents if (folder / RUN_MARKER).is_file()),
-                None)
-
-
 def refuse_inside_runs(path: Path, option: str = "--output") -> None:
-    """A command other than training never writes into a run directory: refused with one line."""
-    run = run_holding(path)
+    """A command other than training never writes into a run directory (one with a run marker above `path`)."""
+    run = next((d for d in Path(path).expanduser().resolve().parents if (d / RUN_MARKER).is_file()), None)
     if run is not None:
         raise DistillabError(f"{option} {path}: inside the run directory {run}, which this command does not write "
                              "into: name a file outside it")
+
+
+def check_new_file(path: Path, force: bool, option: str = "--output") -> None:
+    """A file a command is about to write: not a directory, not inside a run, and not an existing file unless
+    `force` (then written with `replace=False`, so that a file created meanwhile is not replaced either)."""
+    if path.is_dir():
+        raise DistillabError(f"{option} {path} is a directory: name the file to write")
+    refuse_inside_runs(path, option)
+    if path.exists() and not force:
+        raise DistillabError(f"{option} {path} exists: pass --force to overwrite it, or name a new file")
 
 
 def read_run_id(run_dir: Path) -> str | None:

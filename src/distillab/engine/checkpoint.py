@@ -90,6 +90,13 @@ def max_weights_bytes() -> int:
     return min(16 << 30, memory)
 
 
+def check_within_limit(path: Path, total: int, what: str) -> None:
+    limit = max_weights_bytes()
+    if total > limit:
+        raise CheckpointError(f"{path}: its {what} take {total / 2**30:,.1f} GiB, over the {limit / 2**30:,.1f} GiB "
+                              "limit (DISTILLAB_MAX_WEIGHTS_GIB)")
+
+
 SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                         "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own bound
@@ -127,10 +134,7 @@ def check_safetensors_header(path: Path) -> None:
             raise CheckpointError(f"{path}: unreadable safetensors file: tensor {name!r} claims bytes {begin}..{end} "
                                   f"for shape {shape}, which the file's {data:,} data bytes do not hold")
         total += end - begin
-    limit = max_weights_bytes()
-    if total > limit:
-        raise CheckpointError(f"{path}: its tensors take {total / 2**30:,.1f} GiB, over the {limit / 2**30:,.1f} GiB "
-                              "limit (DISTILLAB_MAX_WEIGHTS_GIB)")
+    check_within_limit(path, total, "tensors")
 
 
 def check_archive_sizes(path: Path) -> None:
@@ -146,10 +150,7 @@ def check_archive_sizes(path: Path) -> None:
     size = path.stat().st_size
     if any(e.header_offset + e.compress_size > size for e in entries):
         raise CheckpointError(f"{path}: an entry of the archive lies past the end of the file (truncated or forged)")
-    total, limit = sum(e.file_size for e in entries), max_weights_bytes()
-    if total > limit:
-        raise CheckpointError(f"{path}: its entries take {total / 2**30:,.1f} GiB, over the {limit / 2**30:,.1f} GiB "
-                              "limit (DISTILLAB_MAX_WEIGHTS_GIB)")
+    check_within_limit(path, sum(e.file_size for e in entries), "entries")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
