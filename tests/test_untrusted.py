@@ -126,6 +126,22 @@ def test_an_edited_config_yaml_does_not_change_a_resumed_run(finished, capsys, e
     assert snapshot(finished) == before
 
 
+def test_a_checkpoint_from_an_older_release_resumes_despite_fields_added_since(tmp_path):
+    """A field (or method option) the checkpoint's release did not have is its default, not a change; a field it
+    had that no longer exists is still one."""
+    from distillab.errors import DistillabError
+    from distillab.run import resolved_config, resume_changes
+
+    cfg = load_config(write_config(tmp_path, "kd", RUN.replace("name: ce", "name: kd")))
+    older = resolved_config(cfg)
+    del older["imports"]
+    del older["method"]["options"]["temperature"]
+    assert resume_changes(older, cfg, "the checkpoint") == []
+    older["retired_field"] = 1
+    with pytest.raises(DistillabError, match="retired_field differs from the checkpoint"):
+        resume_changes(older, cfg, "the checkpoint")
+
+
 def test_a_checkpoint_records_its_resolved_config_and_fingerprint(finished):
     from distillab.engine.checkpoint import config_fingerprint
     from distillab.run import resolved_config

@@ -224,7 +224,7 @@ def resume_changes(saved: dict[str, Any], cfg: RunConfig, source: str, linked: I
     """The fields in which `cfg` differs from the `saved` resolved config (read from `source`); an unsafe change
     is refused, naming the fields. `linked` fields were set from the earlier stages' outputs (paths inside the
     run, which move with it)."""
-    changed = _differences(saved, resolved_config(cfg))
+    changed = _differences(_in_current_schema(saved), resolved_config(cfg))
     unsafe = [k for k in changed if k not in linked
               and not any(k == ok or k.startswith(ok + ".") for ok in RESUME_MAY_CHANGE)]
     if unsafe:
@@ -233,6 +233,38 @@ def resume_changes(saved: dict[str, Any], cfg: RunConfig, source: str, linked: I
                              "device, logging and data.root may change; an edited config.yaml does not count): "
                              "start a new run instead")
     return [k for k in changed if k not in ("name", "output_dir")]
+
+
+def _in_current_schema(saved: dict[str, Any]) -> dict[str, Any]:
+    """`saved` with the defaults of fields (and method options) added since it was written, so that a field the
+    older release did not have is not a change. A field it has that no longer exists is kept as it was (and so
+    shows as a difference); where it does not validate for another reason, it is returned as it is."""
+    trimmed, retired = json.loads(json.dumps(saved)), []
+    try:
+        RunConfig.model_validate(trimmed)
+    except ValidationError as err:
+        retired = [e["loc"] for e in err.errors() if e["type"] == "extra_forbidden"]
+        for loc in retired:
+            _get(trimmed, loc[:-1]).pop(loc[-1], None)
+    try:
+        current = resolved_config(RunConfig.model_validate(trimmed))
+    except (ValidationError, DistillabError):
+        return saved
+    for loc in retired:
+        _put(current, loc, _get(saved, loc))
+    return current
+
+
+def _get(tree: Any, loc: tuple[Any, ...]) -> Any:
+    for key in loc:
+        tree = tree[key]
+    return tree
+
+
+def _put(tree: Any, loc: tuple[Any, ...], value: Any) -> None:
+    for key in loc[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[loc[-1]] = value
 
 
 def saved_run_config(run_dir: Path) -> dict[str, Any]:
