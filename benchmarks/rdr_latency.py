@@ -2,7 +2,7 @@
 
 RDR trains K parallel branches in place of one conv(+BN) and merges them for deployment, so the exported
 student should cost exactly what the plain student costs. This measures it: the plain zoo student, RDR's
-exported student (`deploy_student()`, branches merged), the same with `fuse_bn` (merged layer as one biased
+exported student (`deploy()`, branches merged), the same with `fuse_bn` (merged layer as one biased
 conv), and, for reference, the unmerged multi-branch training student in eval mode. All get the same batch,
 warm-up passes, then repeated timed passes in alternation (so background load hits all alike); the median is
 reported, with the ratios to the plain student.
@@ -43,7 +43,7 @@ def variants(student: str, teacher: str, k: int, shape: tuple[int, int, int], nu
     method = methods.build("rdr", copy.deepcopy(plain), t, input_shape=shape, K=k)
     fused = methods.build("rdr", copy.deepcopy(plain), t, input_shape=shape, K=k, fuse_bn=True)
     fused.load_trainable_state_dict(method.trainable_state_dict())
-    nets = {"plain": plain, "exported": method.deploy_student(), "exported_fuse_bn": fused.deploy_student(),
+    nets = {"plain": plain, "exported": method.deploy(), "exported_fuse_bn": fused.deploy(),
             "multi_branch": method.student}
     for net in nets.values():
         net.eval()

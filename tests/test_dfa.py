@@ -288,7 +288,7 @@ def test_deployed_student_is_the_plain_student():
     teacher, student = nets()
     method = methods.build("dfa", student, teacher, input_shape=SHAPE, mode="average", fd_weight=1.0)
     plain = nets()[1]
-    assert method.deploy_student() is student
+    assert method.deploy() is student
     assert set(student.state_dict()) == set(plain.state_dict())
     assert sum(p.numel() for p in student.parameters()) == sum(p.numel() for p in plain.parameters())
     assert method.side_parameter_count() > 0

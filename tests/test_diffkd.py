@@ -306,7 +306,7 @@ def test_method_side_parameters_for_resnet32x4_to_resnet8x4():
 def test_deployed_student_is_the_plain_student_with_unchanged_flops(pair):
     teacher, student = pair
     method = methods.build("diffkd", student, teacher, input_shape=DIGITS)
-    deployed = method.deploy_student()
+    deployed = method.deploy()
     fresh = models.build("resnet8", num_classes=10, in_channels=1)
     assert list(deployed.state_dict()) == list(fresh.state_dict())
     x = torch.randn(2, *DIGITS)

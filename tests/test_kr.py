@@ -287,7 +287,7 @@ def test_deployed_student_has_no_kr_modules():
     teacher, student = nets()
     method = kr(teacher, student)
     plain = models.build("resnet8", num_classes=10, in_channels=1)
-    deployed = method.deploy_student()
+    deployed = method.deploy()
     assert deployed is student and not any("regressor" in k for k in deployed.state_dict())
     assert sum(p.numel() for p in deployed.parameters()) == sum(p.numel() for p in plain.parameters())
 

@@ -99,7 +99,7 @@ def test_close_unhooks_the_deployed_student(pair):
     assert hooked  # the hint taps
     method.close()
     assert not any(m._forward_hooks for m in hooked)
-    deployed = method.deploy_student()
+    deployed = method.deploy()
     with torch.no_grad():
         deployed(batch()[0])
     assert all(not tap._values for tap in method._taps)  # nothing recorded any more

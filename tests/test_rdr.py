@@ -88,7 +88,7 @@ def assert_merge_is_exact(method: methods.Method) -> None:
     x, _ = batch()
     with torch.no_grad():
         multi = method.student(x)
-        plain = method.deploy_student().eval()(x)
+        plain = method.deploy().eval()(x)
     assert multi.std() > 0.05  # the comparison is not between near-zero logits
     assert (multi - plain).abs().max() < 1e-4
 
@@ -122,7 +122,7 @@ def test_exported_student_is_the_plain_architecture(student):
     method = rdr(student)
     randomize_bn(method.student, seed=4)
     method.eval()
-    deployed = method.deploy_student().eval()
+    deployed = method.deploy().eval()
     fresh = models.build(student, num_classes=100)
     fresh.load_state_dict(deployed.state_dict(), strict=True)
     fresh.eval()
@@ -138,7 +138,7 @@ def test_fuse_bn_deploys_one_biased_conv_with_the_same_output():
     method = rdr("resnet8", fuse_bn=True)
     randomize_bn(method.student, seed=5)
     method.eval()
-    deployed = method.deploy_student().eval()
+    deployed = method.deploy().eval()
     block = deployed.stages[2][0]
     assert isinstance(block.bn2, nn.Identity) and block.conv2.bias is not None
     x, _ = batch(4)
@@ -154,7 +154,7 @@ def test_where_names_another_conv():
     method.eval()
     x, _ = batch(4)
     with torch.no_grad():
-        assert (method.student(x) - method.deploy_student().eval()(x)).abs().max() < 1e-4
+        assert (method.student(x) - method.deploy().eval()(x)).abs().max() < 1e-4
 
 
 def test_first_branch_keeps_the_students_initial_kernel():
@@ -172,7 +172,7 @@ def test_side_parameters_count_the_extra_branches_and_the_bridge():
     method = rdr("resnet8", K=4)  # conv2 64->64 3x3 + BN per branch; bridge 64->64 1x1 + BN
     per_branch = 64 * 64 * 9 + 2 * 64
     assert method.side_parameter_count() == 3 * per_branch + (64 * 64 + 2 * 64)
-    assert n_params(method.deploy_student()) == n_params(models.build("resnet8", num_classes=100))
+    assert n_params(method.deploy()) == n_params(models.build("resnet8", num_classes=100))
 
 
 # ---- §8.3-4: order and partial sums ---------------------------------------------------------------
@@ -450,7 +450,7 @@ def test_gradients_reach_every_branch_and_the_bridge_not_the_teacher():
 
 def test_deployed_student_has_no_bridge_and_never_calls_the_teacher():
     method = rdr(K=2)
-    deployed = method.deploy_student()
+    deployed = method.deploy()
     assert not any("bridge" in k or "branches" in k for k in deployed.state_dict())
     assert not any(isinstance(m, RepBranches) for m in deployed.modules())
     calls = []
@@ -480,7 +480,7 @@ def test_trainable_state_round_trips_into_a_fresh_method():
     b.eval()
     with torch.no_grad():
         assert torch.equal(a.student(x), b.student(x))
-        assert torch.equal(a.deploy_student().eval()(x), b.deploy_student().eval()(x))
+        assert torch.equal(a.deploy().eval()(x), b.deploy().eval()(x))
 
 
 # ---- Transformer teacher --------------------------------------------------------------------------

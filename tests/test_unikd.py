@@ -366,7 +366,7 @@ def test_sampled_term_is_the_softmax_kl_of_the_samples_at_t_prime(digits_pair):
 
 def test_exported_student_is_the_plain_zoo_model(digits_pair):
     method = build(digits_pair)
-    shipped = method.deploy_student()
+    shipped = method.deploy()
     fresh = models.build("resnet8", num_classes=10, in_channels=1)
     assert list(shipped.state_dict()) == list(fresh.state_dict())
     assert count(shipped) == count(fresh)

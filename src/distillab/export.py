@@ -2,7 +2,7 @@
 `torch.export` program.
 
 The method is rebuilt from the run's config (teacher weights and data included, for the shapes), its trained
-state is loaded from `checkpoints/last.pt`, and `deploy_student()` gives the network to ship: for RDR the
+state is loaded from `checkpoints/last.pt`, and `deploy()` gives the network to ship: for RDR the
 branches merged into the plain student, for every other method the student itself.
 
 Every format carries a model card (`distillab` metadata, JSON): the model name and kwargs, the number of classes,
@@ -86,7 +86,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, overrides:
         method.load_trainable_state_dict(state["method"])
     except RuntimeError as exc:
         raise CheckpointError(f"{run_dir / CHECKPOINT_FILE}: does not match the run's method: {exc}") from None
-    student = method.deploy_student()
+    student = method.deploy()
     method.close()  # the method's feature taps off the student before it is traced
     card = model_card(cfg.student.name, cfg.student.kwargs, data, cfg.method.name, method.deploy_folds_bn)
     try:

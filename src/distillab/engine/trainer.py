@@ -332,7 +332,7 @@ class Trainer:
             with self._writing(self.run_dir):
                 summary.update(self.method.write_outputs(self.run_dir))
             with self._writing(self.run_dir / STUDENT_FILE):
-                save_safetensors(self.method.deploy_student(), self.run_dir / STUDENT_FILE,
+                save_safetensors(self.method.deploy(), self.run_dir / STUDENT_FILE,
                                  metadata={"model": str(self.info.get("student", ""))})
             with self._writing(self.run_dir / SUMMARY_FILE):
                 write_text_atomic(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
@@ -448,7 +448,7 @@ class Trainer:
         record["epoch_time_s"] = elapsed
         evaluate = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         for split in self.eval_loaders if evaluate else ():  # val (when held out), then test
-            result = self._eval(method.student, split)
+            result = self._eval(method.deployed_network, split)
             record[f"{split}_acc"], record[f"{split}_loss"] = result["acc"], result["loss"]
         return record
 
@@ -550,7 +550,7 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         with_val = [r for r in self.history if "val_acc" in r]
         best_val = max(with_val, key=lambda r: r["val_acc"]) if with_val else None
-        student = self.method.deploy_student()
+        student = self.method.deploy()
         return {
             **self.info,
             "method": self.method.name,

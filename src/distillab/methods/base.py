@@ -110,14 +110,31 @@ class Method(nn.Module):
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def deploy_student(self) -> nn.Module:
-        """The network a user ships (plain student unless a method re-parameterises it). While the method
-        lives, its feature taps stay hooked on the student: call `close()` first to use the student alone."""
+    @property
+    def deployed_network(self) -> nn.Module:
+        """The network this method deploys, as it trains (sharing the training parameters): what is evaluated
+        during training. The plain student, unless the method ships more than the student."""
         return self.student
+
+    def deploy(self) -> nn.Module:
+        """The network a user ships: `deployed_network` in its deployment form (RDR: its branches merged). While
+        the method lives, its feature taps stay hooked on it: call `close()` first to use it alone."""
+        return self.deployed_network
+
+    def deploy_card(self) -> dict[str, Any]:
+        """What a model card needs, besides the student's name and kwargs, to rebuild `deploy()` (see
+        `rebuild_deployed`); JSON data. Empty where the deployed network is the plain student."""
+        return {}
+
+    @classmethod
+    def rebuild_deployed(cls, student: nn.Module, card: dict[str, Any]) -> nn.Module:
+        """The network `deploy()` returns, rebuilt around a newly built `student` from `deploy_card()`'s entries
+        (weights are loaded after). The student itself by default."""
+        return student
 
     @property
     def deploy_folds_bn(self) -> bool:
-        """Whether `deploy_student()` folds BatchNorms into convolutions, so that no stock model of the student's
+        """Whether `deploy()` folds BatchNorms into convolutions, so that no stock model of the student's
         architecture takes its weights (an export then needs its graph: ONNX or torch.export)."""
         return False
 

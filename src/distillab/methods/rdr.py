@@ -14,7 +14,7 @@ By default x_0 = 0 and the mix is linear, so target_k = (k/K)·t: the share of t
 branches can give, since a partial sum in a random order is on average k/K of the full sum. `start: student`
 (x_0 = sg(g(f_1)), the first design) moves with the student and drives the partial sums away from t; it is kept
 as an ablation only. The network continues from act(f_K), the full sum, as the deployed one does.
-`deploy_student()` merges the branches into the plain conv + BN of the unmodified architecture: same parameter
+`deploy()` merges the branches into the plain conv + BN of the unmodified architecture: same parameter
 count and FLOPs.
 """
 
@@ -316,7 +316,7 @@ class RDR(Method):
         except ValueError as exc:
             raise ConfigError(f"method.options.branch_kinds: {exc} (replacing {self.site.conv!r})") from None
         feature_shape = check_site(student, self.site, self.input_shape)
-        # A plain copy for deploy_student, set around nn.Module so that it stays out of state_dict and .to().
+        # A plain copy for deploy, set around nn.Module so that it stays out of state_dict and .to().
         object.__setattr__(self, "_plain_template", copy.deepcopy(student))
         init_branches(layer, conv)
         replace_module(student, self.site.conv, layer.to(conv.weight))
@@ -389,7 +389,7 @@ class RDR(Method):
     def deploy_folds_bn(self) -> bool:
         return self.opts.fuse_bn
 
-    def deploy_student(self) -> nn.Module:
+    def deploy(self) -> nn.Module:
         """The plain student architecture with every branch merged into the replaced conv (+ BN); no bridge.
 
         With `fuse_bn` the merged layer becomes one conv with a bias and its BN an identity.
