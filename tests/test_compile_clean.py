@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from distillab import methods, models
+from distillab.methods.capabilities import needs_indices, wants_strong_view
 
 KNOWN_BREAKS: dict[str, str] = {}  # method -> why it still breaks (none left)
 pytestmark = pytest.mark.slow  # ~2.5 s per method on the 2-core CPU
@@ -26,10 +27,11 @@ def test_the_training_forward_has_no_graph_break(name):
     torch.manual_seed(0)
     teacher, student = models.build("resnet8", 10, 3).eval(), models.build("resnet8", 10, 3)
     method = methods.build(name, student, copy.deepcopy(teacher), input_shape=(3, 32, 32), **OPTIONS.get(name, {}))
-    if method.needs_indices:
+    if needs_indices(method):
         method.bind_train_set(torch.randint(0, 10, (64,)))
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    args = [x, y] + ([torch.arange(8)] if method.needs_indices else []) + ([x.flip(3)] if method.extra_views else [])
+    args = ([x, y] + ([torch.arange(8)] if needs_indices(method) else [])
+            + ([x.flip(3)] if wants_strong_view(method) else []))
     dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -46,7 +48,7 @@ def test_the_training_forward_compiles_once_across_epochs(name):
     torch.manual_seed(0)
     teacher, student = models.build("resnet8", 10, 3).eval(), models.build("resnet8", 10, 3)
     method = methods.build(name, student, copy.deepcopy(teacher), input_shape=(3, 32, 32), **OPTIONS.get(name, {}))
-    if method.needs_indices:
+    if needs_indices(method):
         method.bind_train_set(torch.randint(0, 10, (64,)))
     torch._dynamo.reset()
     counter = CompileCounter()
@@ -56,8 +58,8 @@ def test_the_training_forward_compiles_once_across_epochs(name):
         method.set_progress(epoch, 3)
         for _ in range(2):
             x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-            args = ([x, y] + ([torch.randint(0, 64, (8,))] if method.needs_indices else [])
-                    + ([x.flip(3)] if method.extra_views else []))
+            args = ([x, y] + ([torch.randint(0, 64, (8,))] if needs_indices(method) else [])
+                    + ([x.flip(3)] if wants_strong_view(method) else []))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 step(*args)

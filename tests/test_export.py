@@ -13,7 +13,7 @@ from conftest import teacher_changes, tiny_config
 from distillab import models
 from distillab.cli import main
 from distillab.errors import CheckpointError
-from distillab.export import export_model, load_exported, read_card
+from distillab.export import CARD_VERSION, export_model, load_exported, read_card
 
 CARD = {"version": 1, "kwargs": {}, "num_classes": 10, "input_size": [3, 32, 32], "mean": [0.5] * 3,
         "std": [0.25] * 3, "method": "kd", "fused_bn": False}
@@ -84,6 +84,17 @@ def test_safetensors_export_rebuilds_from_its_card_alone(tmp_path):
         load_exported(path)
 
 
+def test_a_card_of_a_newer_version_is_refused_and_an_empty_deploy_entry_is_the_student(tmp_path):
+    model, path = built("resnet8"), tmp_path / "student.safetensors"
+    export_model(model, path, {**CARD, "model": "resnet8", "version": CARD_VERSION, "deploy": {}}, "safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_exported(path)(x), model(x))
+    export_model(model, path, {**CARD, "model": "resnet8", "version": CARD_VERSION + 1}, "safetensors")
+    with pytest.raises(CheckpointError, match=f"reads versions up to {CARD_VERSION}"):
+        load_exported(path)
+
+
 def test_a_file_without_a_card_is_named(tmp_path):
     from distillab.engine.checkpoint import save_safetensors
 
@@ -110,6 +121,7 @@ def test_cli_exports_a_finished_run_in_each_format(tmp_path, untrained_digits_te
     card = read_card(run / "exported_student.safetensors")
     assert card["input_size"] == [1, 8, 8] and card["num_classes"] == 10 and card["method"] == "kd"
     assert len(card["mean"]) == 1 and card["kwargs"] == {}
+    assert card["version"] == CARD_VERSION and card["deploy"] == {}  # kd deploys the plain student
     student = load_exported(run / "exported_student.safetensors")
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():

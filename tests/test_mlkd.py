@@ -14,6 +14,7 @@ from distillab.config_files import load_config
 from distillab.engine.checkpoint import save_safetensors
 from distillab.losses import MLKD_TEMPERATURES as TEMPERATURES
 from distillab.losses import at_most_median, mlkd_terms
+from distillab.methods.capabilities import wants_strong_view
 
 
 def softmax(z, t):
@@ -87,7 +88,7 @@ def batch(n=8, seed=1):
 def test_mlkd_method_takes_two_views_and_scores_the_weak_one():
     student, teacher = nets()
     method = methods.build("mlkd", student, teacher, input_shape=(1, 16, 16))
-    assert method.extra_views == ("strong",)
+    assert wants_strong_view(method)
     x, y, strong = batch()
     out, terms = method(x, y, strong)
     assert set(terms) == {"ce", "kd", "cc", "bc"}
@@ -104,7 +105,7 @@ def test_unikd_variant_b_is_mlkd_plus_the_unikd_terms_on_both_views():
     student, teacher = nets()
     method = methods.build("unikd", student, teacher, input_shape=(1, 16, 16), logit_loss="mlkd",
                            dist_temperature=4.0)
-    assert method.extra_views == ("strong",)
+    assert wants_strong_view(method)
     x, y, strong = batch()
     torch.manual_seed(3)
     _, terms = method(x, y, strong)

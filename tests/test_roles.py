@@ -9,6 +9,7 @@ from torch import nn
 from distillab import methods, models
 from distillab.errors import ConfigError
 from distillab.features import feature_shapes
+from distillab.methods.capabilities import needs_indices
 from distillab.roles import FeatureInfo, StageInfo, roles
 
 
@@ -73,7 +74,7 @@ def outside(width: int, with_roles: bool = True) -> Outside:
 def test_methods_find_an_outside_models_features_by_role(method):
     options = {"num_negatives": 8, "feat_dim": 8} if method == "crd" else {}
     built = methods.build(method, outside(4), outside(8), input_shape=(1, 8, 8), **options)
-    if built.needs_indices:
+    if needs_indices(built):
         built.bind_train_set(torch.arange(32) % 10)
         args = (torch.arange(4),)
     else:

@@ -9,7 +9,7 @@ from distillab import methods
 from distillab.config_files import load_config
 from distillab.data.loader import DeviceLoader
 from distillab.data.splits import load_splits
-from distillab.engine import trainer as trainer_module
+from distillab.engine import callbacks
 from distillab.engine.teacher_cache import build_teacher_cache
 from distillab.engine.trainer import Trainer
 from distillab.run import build_method
@@ -83,7 +83,7 @@ def test_the_cache_answers_what_the_teacher_computes_and_fills_its_taps(teacher)
 
 
 def test_a_run_whose_cache_would_be_too_large_trains_with_the_teacher(teacher, monkeypatch):
-    monkeypatch.setattr(trainer_module, "TEACHER_CACHE_MAX_BYTES", 1_000)  # kd: 200 x 10 logits = 8 kB
+    monkeypatch.setattr(callbacks, "TEACHER_CACHE_MAX_BYTES", 1_000)  # kd: 200 x 10 logits = 8 kB
     trainer, a = trained(teacher, "kd")
     assert not trainer.teacher_cached and not trainer.loader.with_indices
     _, b = trained(teacher, "kd", "train.cache_teacher=false")

@@ -160,3 +160,49 @@ def test_amp_auto_is_off_on_the_cpu_and_explicit_dtypes_pass_through():
     cpu = torch.device("cpu")
     assert autocast_dtype("auto", cpu) is None and autocast_dtype("off", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16 and autocast_dtype("fp16", cpu) is torch.float16
+
+
+def test_a_users_callback_sees_every_named_point_of_the_loop(tmp_path):
+    """on_fit_start, on_batch (typed batches, every step), on_epoch_end (the record written), on_fit_end (the
+    summary returned), in that order; on_fit_error instead of on_fit_end when the fit fails."""
+    from distillab.data import load_splits
+    from distillab.engine.batch import Batch
+    from distillab.engine.callbacks import Callback
+    from distillab.engine.trainer import Trainer
+    from distillab.run import build_method
+
+    class Recorder(Callback):
+        def __init__(self, fail_at=None):
+            self.calls, self.fail_at = [], fail_at
+
+        def on_fit_start(self, trainer):
+            self.calls.append("start")
+
+        def on_batch(self, trainer, batches):
+            assert all(isinstance(b, Batch) and b.indices is None and b.strong is None for b in batches)
+            self.calls.append(len(batches[0]))
+
+        def on_epoch_end(self, trainer, record):
+            self.calls.append(("epoch", record["epoch"]))
+            if record["epoch"] == self.fail_at:
+                raise Interrupt
+
+        def on_fit_end(self, trainer, summary):
+            self.calls.append(("end", summary["epochs"]))
+
+        def on_fit_error(self, trainer):
+            self.calls.append("error")
+
+    cfg = config(tmp_path, "method.name=ce", "data.train_subset=100", "train.batch_size=50", "train.drop_last=true")
+    data = load_splits(cfg.data)
+    for fail_at, tail in ((None, [("end", 2)]), (1, ["error"])):
+        method, _ = build_method(cfg, data)
+        recorder = Recorder(fail_at)
+        trainer = Trainer(method, data, cfg.train, augment=None, callbacks=[recorder])
+        if fail_at is None:
+            trainer.fit()
+        else:
+            with pytest.raises(Interrupt):
+                trainer.fit()
+        epochs = [["start"]] + [[50, 50, ("epoch", e)] for e in (1, 2)[:fail_at or 2]]
+        assert recorder.calls == [c for part in epochs for c in part] + tail

@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     _debug_flag(p)
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("eval", help="test accuracy of a run's saved student")
+    p = sub.add_parser("eval", help="test accuracy of a run's deployed network (as export writes it), rebuilt from "
+                       "its last checkpoint")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the run's config (e.g. data.root)")
@@ -89,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     _debug_flag(p)
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("export", help="write a run's deployed student (RDR: branches merged) with its model card, "
-                       "as safetensors, ONNX or a torch.export program")
+    p = sub.add_parser("export", help="write a run's deployed network (the method's: RDR merges its branches, SimKD "
+                       "adds the teacher's classifier) with its model card, as safetensors, ONNX or a torch.export "
+                       "program")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--format", choices=["safetensors", "onnx", "torch-export"], default="safetensors",
                    help="safetensors: weights (rebuilt by distillab.export.load_exported); onnx, torch-export: the "
@@ -243,26 +245,22 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from distillab import models
-    from distillab.data import load_splits
-    from distillab.engine.checkpoint import load_weights
     from distillab.engine.device import resolve_device
     from distillab.engine.evaluate import eval_loader, evaluate
-    from distillab.run import load_run_config
+    from distillab.run import restore_method
 
-    cfg = load_run_config(args.run_dir, args.overrides, allow_code=args.allow_code)
-    data = load_splits(cfg.data)
-    student = models.build(cfg.student.name, num_classes=data.num_classes, in_channels=data.image_shape[0],
-                           **cfg.student.kwargs)
-    load_weights(student, args.run_dir, "student")
+    cfg, data, method, state = restore_method(args.run_dir, args.overrides, allow_code=args.allow_code)
+    network = method.deploy()  # what the run ships, as export writes it
+    method.close()
     device = resolve_device(cfg.train.device)
-    student.to(device)
-    table = Table(title=f"{args.run_dir}: {cfg.student.name}")
+    network.to(device)
+    at = f"epoch {state['epoch']}" + (f", step {state['step']}" if state.get("step") else "")
+    table = Table(title=f"{args.run_dir}: {cfg.student.name}, deployed from the checkpoint at {at}")
     for col in ("split", "images", "top-1 %", "loss"):
         table.add_column(col, justify="right" if col != "split" else "left")
     for split, dataset in (("val", data.val), ("test", data.test)):
         if dataset is not None:
-            r = evaluate(student, eval_loader(dataset, device, cfg.train.eval_batch_size))
+            r = evaluate(network, eval_loader(dataset, device, cfg.train.eval_batch_size))
             table.add_row(split, f"{len(dataset):,}", f"{r['acc']:.2f}", f"{r['loss']:.4f}")
     Console().print(table)
     return 0

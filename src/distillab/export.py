@@ -1,14 +1,16 @@
-"""`distillab export`: a run's deployed student, rebuilt from its last checkpoint, as safetensors, ONNX or a
+"""`distillab export`: a run's deployed network, rebuilt from its last checkpoint, as safetensors, ONNX or a
 `torch.export` program.
 
 The method is rebuilt from the run's config (teacher weights and data included, for the shapes), its trained
-state is loaded from `checkpoints/last.pt`, and `deploy()` gives the network to ship: for RDR the
-branches merged into the plain student, for every other method the student itself.
+state is loaded from `checkpoints/last.pt` (`run.restore_method`), and its `deploy()` gives the network to ship:
+the method's to define (the plain student for most; RDR merges its branches into it, SimKD adds its projector and
+the teacher's classifier).
 
-Every format carries a model card (`distillab` metadata, JSON): the model name and kwargs, the number of classes,
-the input size and the normalisation ((x / 255 - mean) / std per channel), so that the file can be rebuilt and fed
-without the run directory. safetensors holds the weights only: `load_exported` rebuilds the model from the card.
-ONNX and `torch.export` hold the graph too, with a dynamic batch dimension (input `images`, output `logits`).
+Every format carries a model card (`distillab` metadata, JSON): the student's model name and kwargs, the method's
+`deploy_card()` entries (what rebuilds its deployed network around that student), the number of classes, the input
+size and the normalisation ((x / 255 - mean) / std per channel), so that the file can be rebuilt and fed without
+the run directory. safetensors holds the weights only: `load_exported` rebuilds the network from the card. ONNX and
+`torch.export` hold the graph too, with a dynamic batch dimension (input `images`, output `logits`).
 """
 
 from __future__ import annotations
@@ -23,23 +25,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from distillab.data import DataSplits, load_splits
-from distillab.engine.checkpoint import (
-    CHECKPOINT_FILE,
-    atomic_write,
-    check_training_state,
-    describe_write_failure,
-    load_checkpoint,
-    save_safetensors,
-)
+from distillab.data import DataSplits
+from distillab.engine.checkpoint import atomic_write, describe_write_failure, save_safetensors
 from distillab.errors import CheckpointError, ConfigError, DistillabError
-from distillab.run import build_method, check_new_file, load_run_config
+from distillab.run import check_new_file, restore_method
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torch-export": ".pt2"}
 EXPORT_STEM = "exported_student"
 EXPORT_FILE = EXPORT_STEM + FORMATS["safetensors"]
 CARD_KEY = "distillab"
-CARD_VERSION = 1
+CARD_VERSION = 2  # 2: `deploy` (the method's deploy_card entries); a card without it (1) is the plain student
 
 
 @dataclass
@@ -55,19 +50,20 @@ class Exported:
     format: str
 
 
-def model_card(model: str, kwargs: dict[str, Any], data: DataSplits, method: str, fused_bn: bool = False
-               ) -> dict[str, Any]:
-    """What rebuilds and feeds an exported student."""
+def model_card(model: str, kwargs: dict[str, Any], data: DataSplits, method: str, fused_bn: bool = False,
+               deploy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What rebuilds and feeds an exported network: the student `model(**kwargs)`, turned into the deployed
+    network by `method`'s `rebuild_deployed` with the `deploy` entries (its `deploy_card()`) where there are any."""
     train = data.train
     return {"version": CARD_VERSION, "model": model, "kwargs": kwargs, "num_classes": data.num_classes,
             "input_size": list(data.image_shape), "mean": list(train.mean), "std": list(train.std),
             "input": "float32 N x C x H x W, (pixels / 255 - mean) / std per channel", "method": method,
-            "fused_bn": fused_bn}
+            "fused_bn": fused_bn, "deploy": dict(deploy or {})}
 
 
 def export_run(run_dir: str | Path, output: str | Path | None = None, overrides: list[str] = (),
                format: str = "safetensors", force: bool = False, allow_code: bool = False) -> Exported:
-    """Write the deployed student of `run_dir` to `output` (default `RUN_DIR/exported_student.<ext>`).
+    """Write the deployed network of `run_dir` to `output` (default `RUN_DIR/exported_student.<ext>`).
 
     `overrides` change fields of the run's config first (e.g. `method.options.fuse_bn=true`, `data.root=...`).
     An existing file is replaced only with `force` (see `check_output`); `allow_code`: see `load_run_config`.
@@ -77,26 +73,19 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, overrides:
     run_dir = Path(run_dir)
     path = Path(output) if output is not None else run_dir / (EXPORT_STEM + FORMATS[format])
     check_output(path, run_dir, force, FORMATS[format])
-    cfg = load_run_config(run_dir, overrides, allow_code=allow_code)
-    state = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    check_training_state(state, run_dir / CHECKPOINT_FILE)
-    data = load_splits(cfg.data)
-    method, _ = build_method(cfg, data)
-    try:
-        method.load_trainable_state_dict(state["method"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{run_dir / CHECKPOINT_FILE}: does not match the run's method: {exc}") from None
-    student = method.deploy()
+    cfg, data, method, state = restore_method(run_dir, overrides, allow_code)
+    network = method.deploy()
     method.close()  # the method's feature taps off the student before it is traced
-    card = model_card(cfg.student.name, cfg.student.kwargs, data, cfg.method.name, method.deploy_folds_bn)
+    card = model_card(cfg.student.name, cfg.student.kwargs, data, cfg.method.name, method.deploy_folds_bn,
+                      method.deploy_card())
     try:
-        export_model(student, path, card, format, replace=force)
+        export_model(network, path, card, format, replace=force)
     except FileExistsError:
         raise DistillabError(f"--output {path} was written by another process meanwhile: pass --force to replace "
                              "it, or name a new file") from None
     except (OSError, RuntimeError) as exc:
         raise DistillabError(f"{describe_write_failure(exc)} while writing {path}") from None
-    return Exported(path, cfg.student.name, cfg.method.name, sum(p.numel() for p in student.parameters()),
+    return Exported(path, cfg.student.name, cfg.method.name, sum(p.numel() for p in network.parameters()),
                     state["epoch"], state["step"], format)
 
 
@@ -194,16 +183,25 @@ def read_card(path: str | Path) -> dict[str, Any]:
 
 
 def load_exported(path: str | Path) -> nn.Module:
-    """The model of an exported safetensors file, rebuilt from its card and loaded strictly, in eval mode."""
-    from distillab import models
+    """The network of an exported safetensors file, rebuilt from its card and loaded strictly, in eval mode: the
+    student, built from its name and kwargs, then (where the card has `deploy` entries) turned into the method's
+    deployed network by the method's `rebuild_deployed`."""
+    from distillab import methods, models
     from distillab.engine.checkpoint import load_weights
 
     card = read_card(path)
+    version = card.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version > CARD_VERSION:
+        raise CheckpointError(f"{path}: model card version {version!r}; this distillab reads versions up to "
+                              f"{CARD_VERSION} (upgrade distillab)")
     if card.get("fused_bn"):
         raise CheckpointError(f"{path}: its BN layers were folded into the convs (fuse_bn), so no stock "
                               f"{card['model']} takes it: export it as onnx or torch-export instead")
     size = tuple(card["input_size"])
     model = models.build(card["model"], num_classes=card["num_classes"], in_channels=size[0], input_size=size,
                          **card["kwargs"])
-    load_weights(model, Path(path), "exported student")
+    entries = card.get("deploy") or {}
+    if entries:
+        model = methods.get(card["method"]).rebuild_deployed(model, entries)
+    load_weights(model, Path(path), "exported network")
     return model.eval()

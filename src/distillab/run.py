@@ -19,7 +19,13 @@ from distillab import methods, models
 from distillab.config import RunConfig, format_validation_error
 from distillab.config_files import dump_config, load_config, merge
 from distillab.data import DataSplits, load_splits
-from distillab.engine.checkpoint import CHECKPOINT_FILE, load_weights, write_text_atomic
+from distillab.engine.checkpoint import (
+    CHECKPOINT_FILE,
+    check_training_state,
+    load_checkpoint,
+    load_weights,
+    write_text_atomic,
+)
 from distillab.engine.cpu_memory import keep_freed_memory
 from distillab.engine.device import resolve_device
 from distillab.engine.distributed import World, barrier, broadcast_flag, init_world, local_device
@@ -28,6 +34,7 @@ from distillab.engine.run_files import SUMMARY_FILE
 from distillab.engine.trackers import check_trackers
 from distillab.engine.trainer import Trainer, TrainingStopped, check_batch, check_setup
 from distillab.errors import CheckpointError, ConfigError, DistillabError
+from distillab.methods import capabilities
 
 CONFIG_FILE = "config.yaml"
 RUN_MARKER = ".distillab-run"  # written into every run directory distillab creates; --force deletes only these
@@ -93,9 +100,27 @@ def build_method(cfg: RunConfig, data: DataSplits) -> tuple[methods.Method, dict
     method_cls = methods.get(cfg.method.name)
     teacher, student, info = build_models(cfg, data, method_cls.requires_teacher)
     method = methods.build(cfg.method.name, student, teacher, input_shape=data.image_shape, **cfg.method.options)
-    if method.needs_indices:  # complete before any Trainer: export and eval load into the same object
+    if capabilities.needs_indices(method):  # complete before any Trainer: export and eval load into it too
         method.bind_train_set(data.train.labels)
     return method, info
+
+
+def restore_method(run_dir: str | Path, overrides: list[str] = (), allow_code: bool = False
+                   ) -> tuple[RunConfig, DataSplits, methods.Method, dict[str, Any]]:
+    """A run's method, rebuilt from its config (data and teacher weights included) with the trained state of its
+    last checkpoint: what `distillab export` and `distillab eval` deploy. Returns the config, the data, the method
+    and the checkpoint. `overrides` and `allow_code`: see `load_run_config`."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, overrides, allow_code=allow_code)
+    state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    check_training_state(state, run_dir / CHECKPOINT_FILE)
+    data = load_splits(cfg.data)
+    method, _ = build_method(cfg, data)
+    try:
+        method.load_trainable_state_dict(state["method"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{run_dir / CHECKPOINT_FILE}: does not match the run's method: {exc}") from None
+    return cfg, data, method, state
 
 
 class RunExistsError(DistillabError):
@@ -287,7 +312,7 @@ def stage_configs(cfg: RunConfig) -> list[tuple[methods.Stage, RunConfig]]:
     and train keys, under <run>/stages/<name>. Empty for a single-stage method."""
     method_cls = methods.get(cfg.method.name)
     out = []
-    for stage in method_cls.stages(methods.validate_options(method_cls, cfg.method.options)):
+    for stage in capabilities.stages(method_cls, methods.validate_options(method_cls, cfg.method.options)):
         raw = cfg.model_dump(mode="json")
         raw.update(name=stage.name, output_dir=str(cfg.run_dir / STAGES_DIR),
                    method={"name": stage.method, "options": stage.options}, train=merge(raw["train"], stage.train))
@@ -408,8 +433,9 @@ def _trainer(cfg: RunConfig, data: DataSplits, run_id: str, console: Console,
     """The method and its Trainer (restored from the run's checkpoint when `resume`); the config comes back with
     the epochs a method's own schedule fixes (a search)."""
     method, info = build_method(cfg, data)
-    if method.fixed_epochs is not None and method.fixed_epochs != cfg.train.epochs:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": method.fixed_epochs})})
+    epochs = capabilities.fixed_epochs(method)
+    if epochs is not None and epochs != cfg.train.epochs:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
     info["run_id"] = run_id
     trainer = Trainer(method, data, cfg.train, seed=cfg.seed, run_dir=cfg.run_dir, info=info,
                       augment=cfg.data.augment, console=console, on_epoch_end=on_epoch_end,

@@ -16,7 +16,7 @@ import itertools
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from distillab.config import (
 )
 from distillab.data import DataSplits
 from distillab.data.splits import synthetic
+from distillab.engine.batch import Batch
 from distillab.engine.cpu_memory import keep_freed_memory
 from distillab.engine.device import device_name, resolve_device
 from distillab.engine.trainer import Trainer
@@ -166,19 +167,21 @@ def _teacher_rate(spec: ThroughputSpec, data: DataSplits, cfg: TrainConfig) -> d
     teacher = method.teacher.eval()
     trainer.loader.set_epoch(0)
 
-    def forward(batch: Sequence[torch.Tensor]) -> None:
+    def forward(batch: Batch) -> None:
         with torch.no_grad(), trainer.autocast():
-            teacher(batch[0])
+            teacher(batch.images)
 
     return {**_rate(trainer.device, _batches(trainer, spec), spec.warmup, forward, count_flops=True), "side_params": 0}
 
 
-def _batches(trainer: Trainer, spec: ThroughputSpec) -> list:
+def _batches(trainer: Trainer, spec: ThroughputSpec) -> list[Batch]:
     """The first warmup + steps batches of the trainer's loader (augmented as in training)."""
-    return list(itertools.islice(iter(trainer.loader), spec.warmup + spec.steps))
+    loader = trainer.loader
+    return [Batch.of(items, loader.with_indices, loader.strong_view)
+            for items in itertools.islice(iter(loader), spec.warmup + spec.steps)]
 
 
-def _rate(device: torch.device, batches: list, warmup: int, step: Callable[[Sequence[torch.Tensor]], object],
+def _rate(device: torch.device, batches: list[Batch], warmup: int, step: Callable[[Batch], object],
           count_flops: bool) -> dict[str, Any]:
     """Warm up, then time `step` over the remaining batches; FLOPs counted on one extra step (forward and
     backward matmuls and convolutions, as torch.utils.flop_counter counts them; None under torch.compile)."""
@@ -198,8 +201,8 @@ def _rate(device: torch.device, batches: list, warmup: int, step: Callable[[Sequ
     if count_flops:
         with FlopCounterMode(display=False) as counter:
             step(batches[0])
-        flops = counter.get_total_flops() / len(batches[0][0]) / 1e9
-    return {"images_per_s": sum(len(b[0]) for b in timed) / elapsed, "peak_memory_mb": peak,
+        flops = counter.get_total_flops() / len(batches[0]) / 1e9
+    return {"images_per_s": sum(len(b) for b in timed) / elapsed, "peak_memory_mb": peak,
             "gflops_per_image": flops}
 
 

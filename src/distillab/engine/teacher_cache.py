@@ -69,3 +69,18 @@ def build_teacher_cache(teacher: nn.Module, taps: list[FeatureTap], loader: Devi
                 chunks.setdefault(name, []).append(value)
             seen += len(images)
     return TeacherCache({name: torch.cat(values) for name, values in chunks.items()})
+
+
+class CachedTeacher(nn.Module):
+    """Stands in for the frozen teacher while a fit runs from a TeacherCache: answers the images at the dataset
+    positions `rows` (set by the engine before each step) and fills the method's teacher taps as a forward would."""
+
+    def __init__(self, cache: TeacherCache, taps: list[FeatureTap]) -> None:
+        super().__init__()
+        self.cache, self.taps = cache, taps
+        self.rows: torch.Tensor | None = None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.rows is None or len(self.rows) != len(images):
+            raise RuntimeError("the cached teacher was called without the batch's dataset positions")
+        return self.cache.answer(self.rows, self.taps)

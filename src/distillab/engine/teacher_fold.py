@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from distillab.features import FeatureTap, _split
+from distillab.methods.base import Method
 from distillab.reparam import fuse_conv_bn_modules
 
 TOLERANCE = 1e-5  # relative to the largest value of each compared tensor
@@ -114,3 +115,15 @@ def same_outputs(a: nn.Module, b: nn.Module, input_shape: tuple[int, ...], tappe
 def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, child = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def fold_method_teacher(method: Method, channels_last: bool) -> int:
+    """Replace `method`'s frozen teacher with its BNs folded into its convs, where that reproduces it (taps
+    included); returns the number folded."""
+    tapped = [name for tap in method.teacher_taps for name in tap.names]
+    folded, count = fold_frozen_teacher(method.teacher, method.input_shape, tapped)
+    if count:
+        if channels_last:
+            folded.to(memory_format=torch.channels_last)
+        method.replace_teacher(folded)
+    return count

@@ -9,10 +9,9 @@ student logits and a dict of *weighted* named loss terms; the trainer sums and l
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
@@ -23,8 +22,6 @@ from distillab.errors import ConfigError
 from distillab.features import FeatureTap, feature_shapes
 from distillab.registry import Registry
 
-if TYPE_CHECKING:
-    from distillab.engine.teacher_cache import TeacherCache
 
 class MethodOptions(BaseModel):
     """Base of every method's options; unknown keys are errors.
@@ -63,18 +60,15 @@ class Method(nn.Module):
 
     Subclasses set `Options` (a `MethodOptions` subclass with the spec's defaults) and implement
     `forward`. `epoch` / `num_epochs` are set by the trainer before each epoch (0-based epoch),
-    for methods with warm-ups. A method with `needs_indices = True` (e.g. CRD's memory bank) gets
-    `bind_train_set(train_labels)` once before training and `forward(images, labels, indices)`, where
-    `indices` are the batch's positions in the training set.
+    for methods with warm-ups. What a method may ask of the engine besides (dataset indices, a strong view, a
+    bi-level search) are the mixins of `methods/capabilities.py`.
     """
 
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     requires_teacher: ClassVar[bool] = True
-    needs_indices: ClassVar[bool] = False
-    extra_views: tuple[str, ...] = ()  # ("strong",): each batch also brings a strongly augmented view (forward's last)
     distributed_ok: ClassVar[bool] = True  # False for methods with per-process state (memory banks)
     # True where the training forward reads the teacher only by `teacher_forward(images)` on the batch's images
-    # (and taps made by `tap(teacher, ...)`): a trainer may then answer it from a TeacherCache
+    # (and taps made by `tap(teacher, ...)`): the engine may then stand a cache of its outputs in for the teacher
     caches_teacher: ClassVar[bool] = False
     name: ClassVar[str] = ""
 
@@ -103,8 +97,6 @@ class Method(nn.Module):
         self.register_buffer("epoch_tensor", torch.zeros(()), persistent=False)
         self._taps: list[FeatureTap] = []
         self.teacher_taps: list[FeatureTap] = []
-        self._teacher_cache: TeacherCache | None = None
-        self._teacher_rows: torch.Tensor | None = None
 
     # -- contract -------------------------------------------------------------------------
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -144,20 +136,7 @@ class Method(nn.Module):
             tap.close()
             tap.clear()
 
-    def bind_train_set(self, train_labels: torch.Tensor) -> None:
-        """Called by the trainer before training when `needs_indices`: the labels of the whole training set."""
-
-    # -- optional hooks (a bi-level search uses them all; most methods need none) ---------------------
-    def train_parts(self, n_train: int) -> list[torch.Tensor] | None:
-        """Disjoint parts of the training set (index tensors) to draw one batch from each per step; `forward` then
-        gets `(images, labels[, indices])` of every part, one after the other. None: the whole set, one batch."""
-        return None
-
-    @property
-    def fixed_epochs(self) -> int | None:
-        """The number of epochs the method's own schedule fixes (a search: groups x epochs per group), or None."""
-        return None
-
+    # -- life-cycle hooks (most methods need none) ---------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         """State the method keeps outside its modules (its own optimizers, say), saved in every checkpoint."""
         return {}
@@ -174,11 +153,6 @@ class Method(nn.Module):
         returns entries for the run's summary."""
         return {}
 
-    @classmethod
-    def stages(cls, options: MethodOptions) -> list[Stage]:
-        """The stages a multi-stage method runs before its own training (e.g. a search), in order."""
-        return []
-
     def set_progress(self, epoch: int, num_epochs: int) -> None:
         self.epoch, self.num_epochs = epoch, num_epochs
         self.epoch_tensor.fill_(epoch)
@@ -191,10 +165,7 @@ class Method(nn.Module):
 
     # -- helpers for subclasses -----------------------------------------------------------
     def teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Teacher logits without autograd (taps on the teacher fill as a side effect); from the teacher cache
-        when the trainer has set one and the batch's dataset positions."""
-        if self._teacher_cache is not None and self._teacher_rows is not None:
-            return self._teacher_cache.answer(self._teacher_rows, self.teacher_taps)
+        """Teacher logits without autograd (taps on the teacher fill as a side effect)."""
         with torch.no_grad():
             return self.teacher(images)
 
@@ -203,16 +174,6 @@ class Method(nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         for tap in self.teacher_taps:
             tap.rebind(teacher)
-
-    def use_teacher_cache(self, cache: TeacherCache | None) -> None:
-        """Answer `teacher_forward` from `cache` (None: run the teacher again) for the rows of `set_teacher_rows`."""
-        if cache is not None and not self.caches_teacher:
-            raise ValueError(f"method {self.name!r} reads its teacher other than by teacher_forward: no cache")
-        self._teacher_cache, self._teacher_rows = cache, None
-
-    def set_teacher_rows(self, rows: torch.Tensor | None) -> None:
-        """The dataset positions of the next training batch's images (for the teacher cache)."""
-        self._teacher_rows = rows
 
     def tap(self, model: nn.Module, names: Iterable[str]) -> FeatureTap:
         """A feature tap kept for the life of the method."""
@@ -243,22 +204,6 @@ class Method(nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"checkpoint does not match the method: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One earlier stage of a multi-stage method, trained by the same engine into `<run>/stages/<name>/`.
-
-    `method` and `options` replace the run's method; `train` holds train-config keys laid over the run's (the
-    stage's own recipe); `link(options, stage_dir)` returns the final method's options, given the finished
-    stage's directory (e.g. pointing them at a file the stage wrote).
-    """
-
-    name: str
-    method: str
-    options: dict[str, Any]
-    train: dict[str, Any] = field(default_factory=dict)
-    link: Callable[[dict[str, Any], Path], dict[str, Any]] | None = None
 
 
 def validate_options(cls: type[Method], options: dict[str, Any]) -> MethodOptions:

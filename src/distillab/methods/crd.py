@@ -11,7 +11,7 @@ and summed. Banks are updated at the batch's rows: m <- normalize(momentum * m +
 L = ce_weight * CE + kd_weight * KD_T + crd_weight * L_CRD. CIFAR-100: feat_dim 128, 16384 negatives,
 T_nce 0.07, momentum 0.5, crd_weight 0.8, kd_weight 0 (CRD) or 1 (CRD+KD).
 
-The method needs each image's training-set index (`needs_indices`); the trainer supplies it.
+The method needs each image's training-set index (`TrainSetIndices`); the trainer supplies it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import nn
 from distillab.errors import ConfigError
 from distillab.losses import kd_loss, nce_loss
 from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.capabilities import TrainSetIndices
 from distillab.roles import roles
 
 
@@ -111,10 +112,9 @@ class CRDOptions(MethodOptions):
 
 
 @register("crd")
-class CRD(Method):
+class CRD(TrainSetIndices, Method):
     Options = CRDOptions
     caches_teacher = True
-    needs_indices = True
     distributed_ok = False  # the memory banks are per process
 
     def __init__(self, student, teacher=None, **options) -> None:

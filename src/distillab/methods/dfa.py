@@ -26,7 +26,8 @@ from torch import nn
 
 from distillab.errors import ConfigError
 from distillab.features import FeatureTap, feature_shapes
-from distillab.methods.base import Method, MethodOptions, Stage, register
+from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.capabilities import MultiStage, Stage
 from distillab.roles import roles
 
 AGGREGATION_FILE = "aggregation.json"
@@ -171,7 +172,7 @@ def feature_connector(student_channels: int, teacher_channels: int) -> nn.Sequen
 
 # ---------------------------------------------------------------------------------------------- stage 2
 @register("dfa")
-class DFA(Method):
+class DFA(MultiStage, Method):
     Options = DFAOptions
 
     def __init__(self, student, teacher=None, **options) -> None:

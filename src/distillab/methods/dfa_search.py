@@ -29,6 +29,7 @@ from torch import nn
 from distillab.engine.distributed import all_reduce_
 from distillab.errors import ConfigError
 from distillab.methods.base import Method, register
+from distillab.methods.capabilities import BilevelSearch
 from distillab.methods.dfa import DFASearchOptions, aggregate, groups_by_roles, teacher_groups
 
 
@@ -58,7 +59,7 @@ def buffers_kept(module: nn.Module):
 
 
 @register("dfa_search")
-class DFASearch(Method):
+class DFASearch(BilevelSearch, Method):
     Options = DFASearchOptions
 
     def __init__(self, student, teacher=None, **options) -> None:

@@ -25,6 +25,7 @@ from pydantic import Field
 
 from distillab.losses import mlkd_terms
 from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.capabilities import StrongView
 
 
 class MLKDOptions(MethodOptions):
@@ -36,9 +37,8 @@ class MLKDOptions(MethodOptions):
 
 
 @register("mlkd")
-class MLKD(Method):
+class MLKD(StrongView, Method):
     Options = MLKDOptions
-    extra_views = ("strong",)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, strong: torch.Tensor):
         o = self.opts

@@ -27,6 +27,7 @@ from torch import nn
 from distillab.errors import ConfigError
 from distillab.losses import dkd_loss, gaussian_kl, kd_loss, mlkd_terms, warmup_factor
 from distillab.methods.base import Method, MethodOptions, register
+from distillab.methods.capabilities import StrongView
 from distillab.methods.reviewkd import gated_sum
 from distillab.roles import FeatureInfo, roles
 
@@ -162,7 +163,7 @@ class UniKDOptions(MethodOptions):
 
 
 @register("unikd")
-class UniKD(Method):
+class UniKD(StrongView, Method):
     Options = UniKDOptions
 
     def __init__(self, student, teacher=None, **options) -> None:
@@ -188,7 +189,7 @@ class UniKD(Method):
         self.fdp_teacher = GaussianHead(t_shape[0], s_shapes[""][0])
         self.student_tap = self.tap(student, s_names)
         self.teacher_tap = self.tap(teacher, [t_name])
-        self.extra_views = ("strong",) if o.logit_loss == "mlkd" else ()
+        self.strong_view = o.logit_loss == "mlkd"
 
     @staticmethod
     def _teacher_levels(teacher: nn.Module, levels: int) -> list[str]:
