@@ -77,7 +77,6 @@ from rich.console import Console
 from distillab import Trainer, methods, models
 from distillab.config import SyntheticConfig, TrainConfig
 from distillab.data.splits import synthetic
-from distillab.engine.batch import Batch
 
 device, teacher, student = sys.argv[1:4]
 data = synthetic(SyntheticConfig(num_classes=100, train_size=2048, test_size=64), 0)
@@ -87,7 +86,7 @@ for name in ["kd", "fitnet", "dkd", "rkd", "crd", "reviewkd", "rdr", "kr", "diff
     trainer = Trainer(method, data, TrainConfig(epochs=1, device=device, progress=False), console=Console(quiet=True))
     method.train()
     trainer.loader.set_epoch(0)
-    batches = (Batch.of(b, trainer.loader.with_indices, trainer.loader.strong_view) for b in trainer.loader)
+    batches = iter(trainer.loader)
     for _ in range(3):
         trainer.train_step(next(batches), 0.05)
     with warnings.catch_warnings(record=True) as caught:

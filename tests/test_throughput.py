@@ -10,7 +10,7 @@ from distillab.errors import ConfigError
 
 def _tiny(**kw) -> ThroughputSpec:
     return ThroughputSpec(teacher="resnet8", student="resnet8", methods=["kd", "fitnet"], input_shape=(1, 8, 8),
-                          num_classes=10, batch=8, warmup=1, steps=2, repeats=2, **kw)
+                          num_classes=10, batch=8, warmup=1, steps=2, **{"repeats": 2, **kw})
 
 
 def test_throughput_reports_every_method_against_the_bound():
@@ -36,6 +36,17 @@ def test_throughput_reports_every_method_against_the_bound():
         assert (row["side_params"] > 0) == (name == "fitnet")
         assert row["peak_memory_mb"] is None  # CPU: not measured
     assert result["environment"]["threads"] >= 1 and result["spec"]["input_shape"] == [1, 8, 8]
+
+
+def test_the_view_cached_mode_reads_the_teacher_from_its_cache():
+    """With teacher views a caching method's step runs no teacher forward (its counted FLOPs are the student
+    step's); a method that cannot use the cache (mlkd: a strong view) still runs the teacher."""
+    result = measure(replace(_tiny(teacher_views=2, repeats=1), methods=["kd", "mlkd"]))
+    kd, student = result["methods"]["kd"], result["bound"]["before"]["student_step"]
+    assert kd["gflops_per_image"] == pytest.approx(student["gflops_per_image"])
+    assert kd["cache_mib"] == pytest.approx(2 * 8 * 3 * 10 * 4 / 2**20) and kd["cache_build_s"] > 0
+    assert "cache_mib" not in result["methods"]["mlkd"]
+    assert result["methods"]["mlkd"]["gflops_per_image"] > kd["gflops_per_image"]
 
 
 def test_throughput_command_writes_json(tmp_path, capsys):

@@ -166,7 +166,7 @@ def test_a_users_callback_sees_every_named_point_of_the_loop(tmp_path):
     """on_fit_start, on_batch (typed batches, every step), on_epoch_end (the record written), on_fit_end (the
     summary returned), in that order; on_fit_error instead of on_fit_end when the fit fails."""
     from distillab.data import load_splits
-    from distillab.engine.batch import Batch
+    from distillab.data.batch import Batch
     from distillab.engine.callbacks import Callback
     from distillab.engine.trainer import Trainer
     from distillab.run import build_method

@@ -148,6 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="measurements per method (the median is reported)")
     p.add_argument("--fold-teacher-bn", action="store_true",
                    help="methods train with the teacher's BNs folded (train.fold_teacher_bn); the bound stays unfolded")
+    p.add_argument("--teacher-views", type=int, metavar="K",
+                   help="methods train on K fixed views per image from a teacher cache built before the timing "
+                        "(train.teacher_views); the bound stays a teacher forward per step")
     p.add_argument("--option", dest="options", action="append", default=[], metavar="METHOD.KEY=VALUE",
                    help="a method option, e.g. dfa.mode=last (repeatable)")
     p.add_argument("--output", type=Path, help="JSON file (default results/throughput/<pair>_<shape>_..json, "
@@ -330,7 +333,8 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     from distillab.bench.throughput import ThroughputSpec, default_output, measure, parse_shape, results_table
     from distillab.config_files import safe_yaml
 
-    for name, value in (("--batch", args.batch), ("--steps", args.steps), ("--repeats", args.repeats)):
+    for name, value in (("--batch", args.batch), ("--steps", args.steps), ("--repeats", args.repeats),
+                        ("--teacher-views", args.teacher_views or 1)):
         if value < 1:
             raise DistillabError(f"{name} must be at least 1, got {value}")
     names = list(methods.available()) if args.methods == "all" else [m for m in args.methods.split(",") if m]
@@ -345,7 +349,7 @@ def _bench_throughput(args: argparse.Namespace) -> int:
                           input_shape=parse_shape(args.input), num_classes=args.num_classes, batch=args.batch,
                           device=args.device, amp=args.amp, compile=args.compile,
                           warmup=args.warmup, steps=args.steps, repeats=args.repeats,
-                          fold_teacher_bn=args.fold_teacher_bn, options=options)
+                          fold_teacher_bn=args.fold_teacher_bn, teacher_views=args.teacher_views, options=options)
     if args.channels_last is not None:
         spec.channels_last = args.channels_last
     if args.output is not None:

@@ -171,9 +171,19 @@ class TrainConfig(StrictModel):
     channels_last: bool = Field(True, description="channels-last memory format (faster on the 2-core CPU too)")
     deterministic: bool = Field(False, description="torch's deterministic algorithms, for the whole process "
                                 "(slower on GPU; an op without one is an error)")
-    cache_teacher: bool = Field(True, description="without augmentation, compute the frozen teacher's outputs "
-                                "once and look them up each epoch (methods that read the teacher only through "
-                                "teacher_forward; at most 4 GiB)")
+    cache_teacher: bool = Field(True, description="without augmentation (or with teacher_views), compute the "
+                                "frozen teacher's outputs once and look them up each epoch (methods that read the "
+                                "teacher only through teacher_forward; at most teacher_cache_gib)")
+    teacher_views: int | None = Field(None, ge=1, le=1024, description="K fixed augmented views per training image "
+                                      "(crop and flip drawn once from the seed), one shown each epoch: the teacher's "
+                                      "outputs for all K are then cached (engine/teacher_cache.py). A finite view "
+                                      "set, not unlimited augmentation. None: a fresh crop and flip each epoch")
+    teacher_cache_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="the teacher cache's storage type (half precision halves its memory; answers are "
+        "converted back, with the rounding error docs/benchmarks.md measures)")
+    teacher_cache_gib: float = Field(4.0, gt=0, description="the teacher cache's memory limit: a larger cache of "
+                                     "teacher_views is refused before any work; without views the teacher runs "
+                                     "each step instead")
     fold_teacher_bn: bool = Field(False, description="fold the frozen teacher's BatchNorms into its convs (exact up "
                                   "to float rounding; checked on a batch, skipped when the teacher is cached)")
     tensorboard: bool = Field(False, description="the tensorboard tracker (the same as listing it in trackers)")
@@ -249,6 +259,15 @@ class RunConfig(StrictModel):
     @model_validator(mode="after")
     def _derived_name_is_one_component(self) -> RunConfig:
         check_run_name(self.run_name)
+        return self
+
+    @model_validator(mode="after")
+    def _views_need_augmentation(self) -> RunConfig:
+        augment = self.data.augment
+        if (self.train.teacher_views or 1) > 1 and not (augment.crop_padding or augment.flip):
+            raise ValueError(f"train.teacher_views={self.train.teacher_views} without augmentation "
+                             "(data.augment.crop_padding 0, flip false): every view would be the same image; turn "
+                             "crop or flip on, or leave teacher_views unset")
         return self
 
     @property

@@ -7,7 +7,9 @@ both measured in the same process. It is measured before and after the methods; 
 along with the drift between the two, so a machine whose speed changed during the run shows it. With
 `fold_teacher_bn` the methods train with the teacher's BatchNorms folded into its convs (as
 `train.fold_teacher_bn` does) and the folded teacher forward is measured too, while the bound stays the naive
-one (unfolded teacher), so a ratio above 1 is what folding buys.
+one (unfolded teacher), so a ratio above 1 is what folding buys. With `teacher_views: K` the methods train on K
+fixed views per image with the teacher's outputs cached (`train.teacher_views`): the cache is built before the
+timing (its build time and size are reported) and the steps read it instead of running the teacher.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from distillab.config import (
     format_validation_error,
 )
 from distillab.data import DataSplits
+from distillab.data.batch import Batch
 from distillab.data.splits import synthetic
-from distillab.engine.batch import Batch
+from distillab.engine.callbacks import TeacherCaching
 from distillab.engine.cpu_memory import keep_freed_memory
 from distillab.engine.device import device_name, resolve_device
 from distillab.engine.trainer import Trainer
@@ -64,6 +67,7 @@ class ThroughputSpec:
     steps: int = 10
     repeats: int = 3
     fold_teacher_bn: bool = False
+    teacher_views: int | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -89,16 +93,17 @@ def measure(spec: ThroughputSpec, console: Console | None = None) -> dict[str, A
     if device.type == "cpu":
         keep_freed_memory()  # as `distillab train` does, so the figures are those of a real run
     try:
+        needed = spec.batch * (spec.warmup + spec.steps)  # a view cache covers only the images the steps see
         synthetic_cfg = SyntheticConfig(image_shape=spec.input_shape, num_classes=spec.num_classes,
-                                        train_size=max(spec.batch * (spec.warmup + spec.steps), MIN_TRAIN_SIZE),
+                                        train_size=needed if spec.teacher_views else max(needed, MIN_TRAIN_SIZE),
                                         test_size=spec.batch)
     except ValidationError as err:  # the images the measurement would hold: --batch, --input, --steps
         raise ConfigError(format_validation_error(err, SyntheticConfig, "the measurement's data: ")) from None
     data = synthetic(synthetic_cfg, 0)
     cfg = TrainConfig(epochs=1, batch_size=spec.batch, drop_last=True, device=str(device), amp=spec.amp,
                       compile=spec.compile, channels_last=spec.channels_last, progress=False,
-                      fold_teacher_bn=spec.fold_teacher_bn)
-    naive = cfg.model_copy(update={"fold_teacher_bn": False})
+                      fold_teacher_bn=spec.fold_teacher_bn, teacher_views=spec.teacher_views)
+    naive = cfg.model_copy(update={"fold_teacher_bn": False, "teacher_views": None})
 
     def bound() -> dict[str, Any]:
         student = _timed(console, "student step (ce)", lambda: _method_rate(spec, "ce", data, naive), spec.repeats)
@@ -132,7 +137,8 @@ def measure(spec: ThroughputSpec, console: Console | None = None) -> dict[str, A
 def _timed(console: Console, label: str, rate: Callable[[], dict[str, Any]], repeats: int) -> dict[str, Any]:
     with console.status(f"measuring {label}"):
         results = [rate() for _ in range(repeats)]
-    return {"images_per_s": statistics.median(r["images_per_s"] for r in results),
+    cache = {k: statistics.median(r[k] for r in results) for k in ("cache_build_s", "cache_mib") if k in results[0]}
+    return {**cache, "images_per_s": statistics.median(r["images_per_s"] for r in results),
             "all_images_per_s": [r["images_per_s"] for r in results],
             "peak_memory_mb": max((r["peak_memory_mb"] for r in results if r["peak_memory_mb"] is not None),
                                   default=None),
@@ -153,11 +159,21 @@ def _method_rate(spec: ThroughputSpec, name: str, data: DataSplits, cfg: TrainCo
     """Images/s of `name`'s training step, its FLOPs, peak CUDA memory (None on CPU), side-module parameters."""
     method = _build(spec, name)
     trainer = Trainer(method, data, cfg, augment=AugmentConfig(), console=Console(quiet=True))
+    caching, extra = TeacherCaching(), {}
+    if trainer.teacher_cached:  # teacher_views: the cache is built first, as a run's fit does
+        started = time.perf_counter()
+        caching.on_fit_start(trainer)
+        extra = {"cache_build_s": time.perf_counter() - started, "cache_mib": caching.cached.cache.nbytes / 2**20}
     method.train()
     trainer.loader.set_epoch(0)
-    result = _rate(trainer.device, _batches(trainer, spec), spec.warmup, lambda batch: trainer.train_step(batch, 0.0),
-                   count_flops=not cfg.compile)
-    return {**result, "side_params": method.side_parameter_count()}
+
+    def step(batch: Batch) -> None:
+        caching.on_batch(trainer, [batch])
+        trainer.train_step(batch, 0.0)
+
+    result = _rate(trainer.device, _batches(trainer, spec), spec.warmup, step, count_flops=not cfg.compile)
+    caching.on_fit_end(trainer, {})
+    return {**result, **extra, "side_params": method.side_parameter_count()}
 
 
 def _teacher_rate(spec: ThroughputSpec, data: DataSplits, cfg: TrainConfig) -> dict[str, Any]:
@@ -176,9 +192,7 @@ def _teacher_rate(spec: ThroughputSpec, data: DataSplits, cfg: TrainConfig) -> d
 
 def _batches(trainer: Trainer, spec: ThroughputSpec) -> list[Batch]:
     """The first warmup + steps batches of the trainer's loader (augmented as in training)."""
-    loader = trainer.loader
-    return [Batch.of(items, loader.with_indices, loader.strong_view)
-            for items in itertools.islice(iter(loader), spec.warmup + spec.steps)]
+    return list(itertools.islice(iter(trainer.loader), spec.warmup + spec.steps))
 
 
 def _rate(device: torch.device, batches: list[Batch], warmup: int, step: Callable[[Batch], object],
@@ -239,6 +253,11 @@ def results_table(result: dict[str, Any]) -> Table:
         table.add_row(name, f"{row['images_per_s']:,.1f}", f"{row['ratio_to_bound']:.2f}", flops(row), mem(row),
                       f"{row['side_params']:,}")
     folded = " with the teacher's BNs folded (bound: unfolded)" if spec.get("fold_teacher_bn") else ""
+    views = spec.get("teacher_views")
+    if views:
+        built = [f"{n} {r['cache_mib']:,.1f} MiB in {r['cache_build_s']:.1f} s" for n, r in result["methods"].items()
+                 if "cache_mib" in r]
+        folded += f" from {views} cached teacher views per image (cache: {'; '.join(built) or 'none'})"
     table.caption = (f"methods{folded}; median of {spec['repeats']} x {spec['steps']} steps after "
                      f"{spec['warmup']} warm-up; "
                      f"bound drift during the run {bound['drift']:+.1%}; torch {result['environment']['torch']}, "
@@ -249,7 +268,8 @@ def results_table(result: dict[str, Any]) -> Table:
 def default_output(spec: ThroughputSpec) -> Path:
     shape = "x".join(map(str, spec.input_shape))
     extra = (("_compile" if spec.compile else "") + ("" if spec.channels_last else "_nchw")
-             + ("_foldbn" if spec.fold_teacher_bn else ""))
+             + ("_foldbn" if spec.fold_teacher_bn else "") + (f"_views{spec.teacher_views}" if spec.teacher_views
+                                                               else ""))
     device = resolve_device(spec.device).type
     return Path("results/throughput") / (f"{spec.teacher}_{spec.student}_{shape}_b{spec.batch}_{device}"
                                          f"_{spec.amp}{extra}.json")

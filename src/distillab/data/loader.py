@@ -6,6 +6,10 @@ alike (the random numbers are drawn on the CPU and moved to the device). Call `s
 each epoch, like a DistributedSampler; `set_epoch(epoch, start_batch=k)` resumes an interrupted epoch at
 batch k.
 
+Fixed views (`views=K`, `train.teacher_views`): instead of a fresh crop and flip each epoch, every image gets K
+crops and flips drawn once from the seed, and each epoch shows it in one of them (drawn per epoch); the teacher's
+outputs for all K views can then be computed once (engine/teacher_cache.py).
+
 Sharding (world_size > 1): rank r takes every world_size-th entry of the epoch's permutation, starting
 at r. So that all ranks run the same number of steps, the permutation is first padded by repeating its
 beginning up to a multiple of world_size (drop_last=False) or its tail is cut off (drop_last=True).
@@ -21,6 +25,7 @@ import torch
 
 from distillab.config import AugmentConfig
 from distillab.data.base import ImageDataset
+from distillab.data.batch import Batch
 from distillab.data.randaugment import draw_strong, rand_augment
 from distillab.errors import ConfigError
 
@@ -55,19 +60,20 @@ def crop_flip(images: torch.Tensor, padding: int, offsets: torch.Tensor | None,
 
 
 class DeviceLoader:
-    """Iterates `(x, y)` batches: x float32 N x C x H x W normalised ((x/255 - mean)/std), y int64.
+    """Iterates `Batch`es (unpacking as `(x, y)`): x float32 N x C x H x W normalised ((x/255 - mean)/std), y int64.
 
     The uint8 dataset is copied to `device` once. `shuffle=False, augment=None` gives an evaluation
     loader (dataset order). With `drop_last`, the last partial batch is dropped. No worker processes.
-    With `with_indices`, batches are `(x, y, idx)`, idx (int64, on the device) the images' dataset positions.
-    With `strong_view`, each batch ends with a second, strongly augmented view of the same images (its own crop
-    and flip, RandAugment and Cutout: `distillab.data.randaugment`), made on the device.
+    With `with_indices`, batches carry `indices` (int64, on the device), the images' dataset positions.
+    With `strong_view`, each batch brings a second, strongly augmented view of the same images (its own crop
+    and flip, RandAugment and Cutout: `distillab.data.randaugment`), made on the device. With `views=K`, the crop
+    and flip of each image are one of its K fixed views (see the module's docstring), named in `Batch.views`.
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int, *, device: str | torch.device = "cpu",
                  shuffle: bool = True, augment: AugmentConfig | None = None, drop_last: bool = False,
                  seed: int = 0, rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                 with_indices: bool = False, strong_view: bool = False) -> None:
+                 with_indices: bool = False, strong_view: bool = False, views: int | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -110,10 +116,32 @@ class DeviceLoader:
         self._fill = (mean * 255.0).flatten()  # Cutout's colour: the dataset's mean
         self.epoch = 0
         self._start_batch = 0
+        self.views = views
+        self._view_draws = self._draw_views(views) if views is not None else None
 
     @property
     def augmenting(self) -> bool:
         return self.padding > 0 or self.flip
+
+    def _draw_views(self, views: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Crop offsets (K x N x 2) and flips (K x N) of every image's K fixed views, on the CPU."""
+        if views < 1:
+            raise ValueError(f"views must be at least 1, got {views}")
+        gen = torch.Generator().manual_seed(derive_seed("views", self.seed))
+        n = self.dataset_size
+        offsets = torch.randint(0, 2 * self.padding + 1, (views, n, 2), generator=gen) if self.padding else None
+        flips = torch.rand(views, n, generator=gen) < 0.5 if self.flip else None
+        return offsets, flips
+
+    def view_batches(self, view: int, batch_size: int) -> Iterator[torch.Tensor]:
+        """The whole dataset in order, every image in its fixed view `view`, as normalised batches (what the
+        teacher cache is built from)."""
+        offsets, flips = self._view_draws
+        for start in range(0, self.dataset_size, batch_size):
+            idx = torch.arange(start, min(start + batch_size, self.dataset_size))
+            yield self._prepare(self.images[idx.to(self.device)],
+                                None if offsets is None else offsets[view, idx].to(self.device),
+                                None if flips is None else flips[view, idx].to(self.device))
 
     @property
     def num_samples(self) -> int:
@@ -161,6 +189,8 @@ class DeviceLoader:
         process with the same global batch).
         """
         total = self.shard_size * self.world_size
+        if self._view_draws is not None:
+            return self._epoch_views(epoch, positions)
         gen = torch.Generator().manual_seed(derive_seed("augment", self.seed, epoch))
         offsets = flips = None
         if self.padding > 0:
@@ -168,6 +198,28 @@ class DeviceLoader:
         if self.flip:
             flips = (torch.rand(total, generator=gen) < 0.5)[positions].to(self.device)
         return offsets, flips
+
+    def epoch_views(self, epoch: int, positions: torch.Tensor) -> torch.Tensor:
+        """Which fixed view each of the given global positions of `epoch` shows (CPU)."""
+        total = self.shard_size * self.world_size
+        gen = torch.Generator().manual_seed(derive_seed("view-pick", self.seed, epoch))
+        return torch.randint(0, self.views, (total,), generator=gen)[positions]
+
+    def _epoch_views(self, epoch: int, positions: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        offsets, flips = self._view_draws
+        picks, indices = self.epoch_views(epoch, positions), self._epoch_order(epoch)[0]
+        return (None if offsets is None else offsets[picks, indices].to(self.device),
+                None if flips is None else flips[picks, indices].to(self.device))
+
+    def _prepare(self, x: torch.Tensor, offsets: torch.Tensor | None, flips: torch.Tensor | None) -> torch.Tensor:
+        """Crop and flip (where given), normalise, lay out."""
+        if self.augmenting:
+            x = crop_flip(x, self.padding, offsets, flips)
+        return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().mul_(self._scale).sub_(self._shift)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def _epoch_strong(self, epoch: int, positions: torch.Tensor) -> dict[str, torch.Tensor]:
         """The strong view's crops, flips, ops and Cutouts for the given global positions of `epoch`."""
@@ -178,25 +230,22 @@ class DeviceLoader:
                  **draw_strong(total, gen)}
         return {k: v[positions].to(self.device) for k, v in draws.items() if v is not None}
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def __iter__(self) -> Iterator[Batch]:
         start, self._start_batch = self._start_batch, 0
         indices, positions = self._epoch_order(self.epoch)
         indices = indices.to(self.device)
         offsets, flips = self._epoch_augment(self.epoch, positions) if self.augmenting else (None, None)
         strong = self._epoch_strong(self.epoch, positions) if self.strong_view else {}
+        picks = self.epoch_views(self.epoch, positions).to(self.device) if self.views is not None else None
         for b in range(start, len(self)):
             batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
             idx = indices[batch]
-            x = self.images[idx]
-            if self.augmenting:
-                x = crop_flip(x, self.padding, None if offsets is None else offsets[batch],
+            x = self._prepare(self.images[idx], None if offsets is None else offsets[batch],
                               None if flips is None else flips[batch])
-            views = [x]
+            x_strong = None
             if self.strong_view:
                 d = {k: v[batch] for k, v in strong.items()}
                 x_strong = crop_flip(self.images[idx], self.padding, d.get("offsets"), d.get("flips"))
-                views.append(rand_augment(x_strong, d["ops"], d["magnitudes"], d["cutout"], self._fill))
-            views = [v.float().mul_(self._scale).sub_(self._shift) for v in views]
-            if self.channels_last:
-                views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-            yield (views[0], self.labels[idx], *([idx] if self.with_indices else []), *views[1:])
+                x_strong = self._normalise(rand_augment(x_strong, d["ops"], d["magnitudes"], d["cutout"], self._fill))
+            yield Batch(x, self.labels[idx], idx if self.with_indices else None, x_strong,
+                        None if picks is None else picks[batch])

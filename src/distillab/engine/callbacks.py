@@ -24,10 +24,11 @@ from typing import Any, Protocol
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from distillab.config import TrainConfig
 from distillab.data import DataSplits, DeviceLoader
-from distillab.engine.batch import Batch
+from distillab.data.batch import Batch
 from distillab.engine.checkpoint import (
     CHECKPOINT_FILE,
     STUDENT_FILE,
@@ -42,12 +43,17 @@ from distillab.engine.checkpoint import (
 )
 from distillab.engine.distributed import World, all_reduce_sum
 from distillab.engine.run_files import METRICS_FILE, STEPS_FILE, SUMMARY_FILE, read_metrics
-from distillab.engine.teacher_cache import CachedTeacher, build_teacher_cache
+from distillab.engine.teacher_cache import (
+    DTYPES,
+    VIEWS_DIR,
+    CachedTeacher,
+    build_teacher_cache,
+    fingerprint,
+    output_bytes,
+)
 from distillab.engine.trackers import CSV_FILE, Trackers, write_csv
 from distillab.errors import CheckpointError, DistillabError
 from distillab.methods.base import Method
-
-TEACHER_CACHE_MAX_BYTES = 4 * 2**30
 
 
 class Trainer(Protocol):
@@ -66,6 +72,7 @@ class Trainer(Protocol):
     loader: DeviceLoader
     needs_indices: bool
     teacher_cached: bool
+    amp_dtype: torch.dtype | None
     trackers: Trackers | None
     history: list[dict[str, Any]]
     start_epoch: int
@@ -105,8 +112,10 @@ class EpochHook(Callback):
 
 
 class TeacherCaching(Callback):
-    """With `train.cache_teacher` and nothing that changes a training image between epochs, the teacher's outputs
-    for the training set are computed once and the method's teacher is a `CachedTeacher` for the fit."""
+    """Where every epoch shows the same images (no augmentation) or one of K fixed views of each
+    (`train.teacher_views`), and `train.cache_teacher` is on, the teacher's outputs for the training set are
+    computed once (with progress; each finished view saved in the run directory, so an interrupted build resumes)
+    and a `CachedTeacher` stands in for the method's teacher during the fit."""
 
     def __init__(self) -> None:
         self.teacher: torch.nn.Module | None = None  # the real one, while the cached one stands in
@@ -115,26 +124,57 @@ class TeacherCaching(Callback):
     def on_fit_start(self, trainer: Trainer) -> None:
         if not trainer.teacher_cached or trainer.start_epoch >= trainer.cfg.epochs:
             return
-        method, started = trainer.method, time.perf_counter()
-        loader = DeviceLoader(trainer.data.train, trainer.cfg.eval_batch_size, device=trainer.device,
-                              shuffle=False, channels_last=trainer.cfg.channels_last)
-        cache = build_teacher_cache(method.teacher, method.teacher_taps, loader, trainer.autocast,
-                                    TEACHER_CACHE_MAX_BYTES)
-        if cache is None:
+        method, cfg, loader, started = trainer.method, trainer.cfg, trainer.loader, time.perf_counter()
+        dtype = DTYPES[cfg.teacher_cache_dtype]
+        views = loader.views or 1
+        size = sum(output_bytes(method.teacher, method.teacher_taps, method.input_shape, dtype).values())
+        limit = int(cfg.teacher_cache_gib * 2**30)
+        if size * loader.dataset_size * views > limit:  # only without views: check_setup refuses those
             trainer.teacher_cached = False
-            trainer.loader.with_indices = trainer.needs_indices
-            trainer.console.print(f"teacher outputs not cached: more than {TEACHER_CACHE_MAX_BYTES / 2**30:.0f} GiB")
+            loader.with_indices = trainer.needs_indices
+            trainer.console.print(f"teacher outputs not cached: more than train.teacher_cache_gib="
+                                  f"{cfg.teacher_cache_gib:g}")
             return
+        store = trainer.run_dir / VIEWS_DIR if trainer.writes and loader.views is not None else None
+        facts = fingerprint({"teacher": trainer.info.get("teacher_sha256"), "seed": loader.seed, "views": views,
+                             "padding": loader.padding, "flip": loader.flip, "images": loader.dataset_size,
+                             "taps": [n for tap in method.teacher_taps for n in tap.names], "dtype": str(dtype),
+                             "channels_last": cfg.channels_last, "amp": str(trainer.amp_dtype)})
+        with self._progress(trainer, views * loader.dataset_size) as advance:
+            cache = build_teacher_cache(method.teacher, method.teacher_taps, lambda k: self._view(trainer, k),
+                                        views, loader.dataset_size, trainer.autocast, dtype=dtype, store=store,
+                                        facts=facts, advance=advance)
         self.teacher, self.cached = method.teacher, CachedTeacher(cache, method.teacher_taps)
         method.teacher = self.cached
         trainer.info["teacher_cache_s"] = round(time.perf_counter() - started, 2)
-        trainer.console.print(f"teacher outputs cached for {len(cache):,} images ({cache.nbytes / 2**20:,.1f} MiB, "
-                              f"{trainer.info['teacher_cache_s']:.1f} s): no augmentation, so they are the same "
-                              "each epoch")
+        what = (f"{views} fixed views of each of {loader.dataset_size:,} images" if loader.views is not None else
+                f"{loader.dataset_size:,} images (no augmentation, so they are the same each epoch)")
+        trainer.console.print(f"teacher outputs cached for {what}: {cache.nbytes / 2**20:,.1f} MiB, "
+                              f"{trainer.info['teacher_cache_s']:.1f} s")
+
+    @staticmethod
+    def _view(trainer: Trainer, view: int) -> Iterator[torch.Tensor]:
+        """The training images in dataset order, in fixed view `view` (as they are: without views)."""
+        cfg, loader = trainer.cfg, trainer.loader
+        if loader.views is not None:
+            return loader.view_batches(view, cfg.eval_batch_size)
+        plain = DeviceLoader(trainer.data.train, cfg.eval_batch_size, device=trainer.device, shuffle=False,
+                             channels_last=cfg.channels_last)
+        return (batch.images for batch in plain)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _progress(trainer: Trainer, total: int) -> Iterator[Callable[[int], None]]:
+        with Progress(TextColumn("teacher outputs"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=trainer.console, transient=True, disable=not trainer.cfg.progress) as progress:
+            task = progress.add_task("", total=total)
+            yield lambda n: progress.advance(task, n)
 
     def on_batch(self, trainer: Trainer, batches: Sequence[Batch]) -> None:
         if self.cached is not None:
-            self.cached.rows = batches[0].indices
+            batch = batches[0]
+            self.cached.rows = (batch.indices if batch.views is None
+                                else batch.views * self.cached.cache.images_per_view + batch.indices)
 
     def _restore(self, trainer: Trainer) -> None:
         if self.teacher is not None:

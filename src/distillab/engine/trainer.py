@@ -19,8 +19,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import distillab
 from distillab.config import AugmentConfig, TrainConfig
 from distillab.data import DataSplits, DeviceLoader
+from distillab.data.batch import Batch
 from distillab.data.loader import derive_seed
-from distillab.engine.batch import Batch
 from distillab.engine.callbacks import (
     Callback,
     Checkpoints,
@@ -40,6 +40,7 @@ from distillab.engine.evaluate import eval_loader, evaluate_sums
 from distillab.engine.run_files import SUMMARY_FILE
 from distillab.engine.schedule import learning_rate
 from distillab.engine.stopping import StopSignals, TrainingStopped
+from distillab.engine.teacher_cache import DTYPES, check_cache_size, output_bytes
 from distillab.engine.teacher_fold import fold_method_teacher
 from distillab.engine.trackers import Trackers
 from distillab.errors import DistillabError
@@ -76,7 +77,17 @@ def check_setup(method: Method, data: DataSplits, cfg: TrainConfig, world: World
                              "support data-parallel training: run it on one process")
     if cfg.sync_bn and device.type != "cuda":
         raise DistillabError("train.sync_bn needs CUDA (torch's SyncBatchNorm runs on GPUs only)")
+    if cfg.teacher_views is not None and cacheable(method, cfg):  # a cache too large is refused before any work
+        per_image = output_bytes(method.teacher, method.teacher_taps, method.input_shape,
+                                 DTYPES[cfg.teacher_cache_dtype])
+        check_cache_size(per_image, len(data.train), cfg.teacher_views, cfg.teacher_cache_gib)
     return local_batch
+
+
+def cacheable(method: Method, cfg: TrainConfig) -> bool:
+    """Whether the teacher's outputs may stand in for it (where every epoch shows the same images or views)."""
+    return (cfg.cache_teacher and method.caches_teacher and method.teacher is not None
+            and not isinstance(method, capabilities.BilevelSearch) and not capabilities.wants_strong_view(method))
 
 
 
@@ -151,11 +162,11 @@ class Trainer:
                          device=self.device, shuffle=True, augment=augment, drop_last=cfg.drop_last or cfg.compile,
                          seed=self.seed if part is None else derive_seed("train-part", k, self.seed),
                          rank=self.world.rank, world_size=self.world.world_size, channels_last=cfg.channels_last,
-                         with_indices=self.needs_indices, strong_view=capabilities.wants_strong_view(method))
+                         with_indices=self.needs_indices, strong_view=capabilities.wants_strong_view(method),
+                         views=cfg.teacher_views if augment is not None else None)
             for k, part in enumerate(parts or [None])]
         self.loader = self.loaders[0]
-        self.teacher_cached = (cfg.cache_teacher and method.caches_teacher and method.teacher is not None
-                               and parts is None and not self.loader.augmenting and not self.loader.strong_view)
+        self.teacher_cached = cacheable(method, cfg) and (not self.loader.augmenting or self.loader.views is not None)
         self.loader.with_indices = self.needs_indices or self.teacher_cached  # positions = the cache's rows
         if cfg.fold_teacher_bn and method.teacher is not None and not self.teacher_cached:
             self.info["teacher_bn_folded"] = fold_method_teacher(method, cfg.channels_last)
@@ -256,9 +267,7 @@ class Trainer:
         self.partial = None
         refresh = max(1, steps // 20)
         with self._progress(epoch, steps, first) as show, StepLog(self) as log_step:
-            for step, items in enumerate(zip(*self.loaders, strict=False), start=first):
-                batches = [Batch.of(b, loader.with_indices, loader.strong_view)
-                           for b, loader in zip(items, self.loaders, strict=True)]
+            for step, batches in enumerate(zip(*self.loaders, strict=False), start=first):
                 self._call("on_batch", batches)
                 lr = learning_rate(cfg.schedule, cfg.optim.lr, epoch, step, steps, cfg.epochs)
                 logits, terms = self.train_step(batches, lr)

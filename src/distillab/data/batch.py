@@ -1,0 +1,33 @@
+"""The batch a `DeviceLoader` yields: named parts instead of positions in a tuple."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Batch:
+    """`indices`: the images' dataset positions (when asked for: a method's or the teacher cache's); `strong`: a
+    strongly augmented view of the same images (for methods that ask for one); `views`: which of its fixed views
+    each image is shown in (with `train.teacher_views`). Unpacks like the tuple `(images, labels[, indices][,
+    strong])`."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor | None = None
+    strong: torch.Tensor | None = None
+    views: torch.Tensor | None = None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.images, self.labels, *[t for t in (self.indices, self.strong) if t is not None]))
+
+    def method_args(self, indices: bool) -> tuple[torch.Tensor, ...]:
+        """`Method.forward`'s positional arguments: images, labels[, indices][, strong]."""
+        return (self.images, self.labels, *([self.indices] if indices else []),
+                *([self.strong] if self.strong is not None else []))
+
+    def __len__(self) -> int:
+        return len(self.labels)
