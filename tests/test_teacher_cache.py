@@ -28,7 +28,8 @@ def teacher(digits_teacher) -> tuple[str, ...]:
     return (*RUN, *teacher_changes(digits_teacher))
 
 
-SMALL = {"crd": ["method.options.num_negatives=64"]}  # options that fit 200 images
+SMALL = {"crd": ["method.options.num_negatives=64"],  # options that fit 200 images
+         "dfa": ["method.options.mode=last", "method.options.fd_weight=1"]}  # no search stage outside a run
 
 
 def setup(teacher: tuple[str, ...], method_name: str, *extra: str):
@@ -47,9 +48,12 @@ def trained(teacher: tuple[str, ...], method_name: str, *extra: str) -> tuple[Tr
     return trainer, method.trainable_state_dict()
 
 
-def test_the_methods_that_read_the_teacher_only_by_teacher_forward_cache_it():
-    assert {"kd", "fitnet", "at", "dkd", "dist", "crd", "reviewkd", "rdr", "diffkd", "kr"} <= set(CACHING)
-    assert not {"unikd", "mlkd", "dfa", "dfa_search", "ce"} & set(CACHING)  # other views, block outputs, none
+def test_the_methods_that_run_the_teacher_only_on_the_batch_cache_it(teacher):
+    assert {"kd", "fitnet", "at", "dkd", "dist", "crd", "reviewkd", "rdr", "diffkd", "kr", "simkd", "dfa",
+            "unikd"} <= set(CACHING)
+    assert not {"mlkd", "dfa_search", "ce"} & set(CACHING)  # a strong view, a search, no teacher
+    _, _, variant_b = setup(teacher, "unikd", "method.options.logit_loss=mlkd")
+    assert not variant_b.caches_teacher  # the teacher also runs on the strong view
 
 
 @pytest.mark.parametrize(("name", "channels_last"), [*((n, True) for n in CACHING), ("fitnet", False), ("at", False)])

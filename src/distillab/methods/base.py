@@ -67,8 +67,9 @@ class Method(nn.Module):
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     requires_teacher: ClassVar[bool] = True
     distributed_ok: ClassVar[bool] = True  # False for methods with per-process state (memory banks)
-    # True where the training forward reads the teacher only by `teacher_forward(images)` on the batch's images
-    # (and taps made by `tap(teacher, ...)`): the engine may then stand a cache of its outputs in for the teacher
+    # True where the training forward runs the teacher only on the batch's images (`teacher_forward(images)` or
+    # `self.teacher(images)`) and reads it only through that output and taps made by `tap(teacher, ...)`: the
+    # engine may then stand a cache of its outputs in for the teacher (an instance may set it False)
     caches_teacher: ClassVar[bool] = False
     name: ClassVar[str] = ""
 

@@ -173,6 +173,7 @@ def feature_connector(student_channels: int, teacher_channels: int) -> nn.Sequen
 # ---------------------------------------------------------------------------------------------- stage 2
 @register("dfa")
 class DFA(MultiStage, Method):
+    caches_teacher = True  # the teacher runs on the batch's images only; its candidates are taps
     Options = DFAOptions
 
     def __init__(self, student, teacher=None, **options) -> None:

@@ -164,6 +164,7 @@ class UniKDOptions(MethodOptions):
 
 @register("unikd")
 class UniKD(StrongView, Method):
+    caches_teacher = True  # Variant A; Variant B runs the teacher on the strong view too (set in __init__)
     Options = UniKDOptions
 
     def __init__(self, student, teacher=None, **options) -> None:
@@ -190,6 +191,7 @@ class UniKD(StrongView, Method):
         self.student_tap = self.tap(student, s_names)
         self.teacher_tap = self.tap(teacher, [t_name])
         self.strong_view = o.logit_loss == "mlkd"
+        self.caches_teacher = not self.strong_view
 
     @staticmethod
     def _teacher_levels(teacher: nn.Module, levels: int) -> list[str]:
