@@ -6,7 +6,8 @@ forward every step (`distillab bench throughput`'s measurement, random weights: 
 the cache's build time and size. Then the error of a half-precision store against float32 on the shipped resnet20
 Fashion-MNIST teacher (fitnet's tap: its stage-2 map). Writes results/teacher_views/teacher_views.{json,md}.
 
-    .venv/bin/python benchmarks/teacher_views.py        # about 10 minutes on the 2-core CPU; run it alone
+    .venv/bin/python benchmarks/teacher_views.py          # about 10 minutes on the 2-core CPU; run it alone
+    .venv/bin/python benchmarks/teacher_views.py --sizes  # each method's cache size: results/.../cache_sizes.md
 """
 
 from __future__ import annotations
@@ -87,6 +88,42 @@ def half_precision_error() -> dict:
     return out
 
 
+def cache_sizes() -> list[dict]:
+    """Bytes per image and view of every method's cache (logits + the teacher features it taps; dry shapes, no
+    data), resnet20 and wrn_40_2 teachers, resnet8 student, 1x28x28, 10 classes."""
+    from distillab import methods, models
+    from distillab.config import TrainConfig
+    from distillab.engine.trainer import cacheable
+
+    options = {"dfa": {"mode": "last", "fd_weight": 1}, "crd": {"num_negatives": 16}}
+    rows = []
+    for teacher in ("resnet20", "wrn_40_2"):
+        for name, cls in sorted(methods.available().items()):
+            if not cls.requires_teacher:
+                continue
+            torch.manual_seed(0)
+            method = methods.build(name, models.build("resnet8", 10, 1), models.build(teacher, 10, 1),
+                                   input_shape=(1, 28, 28), **options.get(name, {}))
+            size = (sum(output_bytes(method.teacher, method.teacher_taps, method.input_shape, None).values())
+                    if cacheable(method, TrainConfig()) else None)
+            rows.append({"teacher": teacher, "method": name, "bytes_per_image_view": size})
+    return rows
+
+
+def sizes_table(rows: list[dict]) -> str:
+    lines = ["| method | resnet20: bytes / image / view | 5k images x 8 views | wrn_40_2: bytes / image / view | "
+             "5k images x 8 views |", "|---|---:|---:|---:|---:|"]
+    by = {(r["teacher"], r["method"]): r["bytes_per_image_view"] for r in rows}
+    for name in sorted({r["method"] for r in rows}):
+        cells = []
+        for teacher in ("resnet20", "wrn_40_2"):
+            b = by[(teacher, name)]
+            size = "-" if b is None else f"{b * 8 * LEADERBOARD_IMAGES / 2**20:,.0f} MiB"
+            cells += ["not cacheable" if b is None else f"{b:,}", size]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(result: dict) -> str:
     lines = ["| teacher | ce img/s | kd, 8 cached views | kd, augmented, teacher each step | bound | kd cached / ce "
              "| cache build (8 x 1,664 images) | cache bytes / image / view | projected 5k x 8 views |",
@@ -120,6 +157,11 @@ def table(result: dict) -> str:
 def main() -> int:
     console = Console()
     started = time.perf_counter()
+    if sys.argv[1:] == ["--sizes"]:  # the cache sizes only (no timing: safe beside other work)
+        rows = cache_sizes()
+        (OUT / "cache_sizes.md").write_text(sizes_table(rows))
+        console.print(sizes_table(rows))
+        return 0
     result = {"speed": [speed(t, console) for t in ("resnet20", "wrn_40_2")], "half_precision": half_precision_error()}
     result["wall_s"] = time.perf_counter() - started
     OUT.mkdir(parents=True, exist_ok=True)
