@@ -34,7 +34,7 @@ class NoBatchNormNet(nn.Module):
         return self.body(x)
 
 
-def worker(rank: int, world_size: int, port: int, out: str) -> None:
+def worker(rank: int, world_size: int, port: int, out: str, extra: tuple[str, ...] = ()) -> None:
     from distillab import models
     from distillab.run import train_run
 
@@ -45,15 +45,15 @@ def worker(rank: int, world_size: int, port: int, out: str) -> None:
     cfg = load_config(None, [
         "data.name=digits", "data.val_size=137", "data.augment.crop_padding=1", "data.augment.flip=true",
         "train.epochs=2", "train.batch_size=100", "train.schedule.name=cosine", "train.optim.lr=0.1",
-        "train.progress=false", "train.log_steps=true", f"output_dir={out}", "name=run", "method.name=ce",
+        "train.progress=false", "train.log_steps=true", f"output_dir={out}", "name=run", "method.name=ce", *extra,
     ], base={"student": {"name": "nobn_net"}})
     train_run(cfg)
     if world_size > 1:
         torch.distributed.destroy_process_group()
 
 
-def run(world_size: int, out) -> list[dict]:
-    mp.spawn(worker, args=(world_size, free_port(), str(out)), nprocs=world_size, join=True)
+def run(world_size: int, out, extra: tuple[str, ...] = ()) -> list[dict]:
+    mp.spawn(worker, args=(world_size, free_port(), str(out), extra), nprocs=world_size, join=True)
     return [json.loads(line) for line in (out / "run" / "steps.jsonl").read_text().splitlines()]
 
 
@@ -77,6 +77,24 @@ def test_two_gloo_processes_follow_one_process_step_by_step(tmp_path):
         assert ra["test_loss"] == pytest.approx(rb["test_loss"], abs=1e-4)
     summary = json.loads((tmp_path / "two" / "run" / "summary.json").read_text())
     assert summary["environment"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_from_cached_teacher_views_follow_one_process(tmp_path):
+    """kd from 3 cached views per image: each rank builds the whole cache and reads its own images' rows."""
+    from distillab.engine.checkpoint import save_safetensors
+
+    torch.manual_seed(7)
+    save_safetensors(NoBatchNormNet(), tmp_path / "teacher.safetensors")
+    extra = ("method.name=kd", "teacher.name=nobn_net", f"teacher.checkpoint={tmp_path / 'teacher.safetensors'}",
+             "train.teacher_views=3")
+    one, two = run(1, tmp_path / "one", extra), run(2, tmp_path / "two", extra)
+    assert len(one) == len(two) == 2 * 13
+    for a, b in zip(one, two, strict=True):
+        assert abs(a["kd"] - b["kd"]) < 1e-4 and abs(a["ce"] - b["ce"]) < 1e-4, (a, b)
+    for out in ("one", "two"):
+        assert json.loads((tmp_path / out / "run" / "summary.json").read_text())["teacher_cache_s"] > 0
+        assert len(list((tmp_path / out / "run" / "teacher_views").iterdir())) == 3
 
 
 @pytest.mark.slow
