@@ -288,7 +288,8 @@ def test_loader_with_indices_yields_the_dataset_positions():
         assert torch.equal(y, data.labels[idx]) and torch.equal(x[:, 0, 0, 0], idx.float())
         seen += idx.tolist()
     assert sorted(seen) == list(range(20))
-    assert len(next(iter(DeviceLoader(data, 6)))) == 2
+    plain = next(iter(DeviceLoader(data, 6)))
+    assert len(tuple(plain)) == 2 and plain.indices is None  # unpacks as (x, y) without positions
 
 
 # -- ReviewKD -------------------------------------------------------------------------------------
