@@ -360,3 +360,20 @@ def test_cifar_configs_cover_the_papers_pairs_with_recipe_a1():
             240, 64, 0.05, 5e-4)
         assert cfg.train.schedule.milestones == [150, 180, 210]
     assert load_config(CONFIGS / "fashion_mnist" / "diffkd.yaml").method.name == "diffkd"
+
+
+def test_the_plain_kd_control_adds_hintons_term_on_the_raw_logits(pair):
+    """`plain_kd_weight` (not in the paper): w * T^2 * KL(softmax(t/T) || softmax(s/T)), batch mean, by hand."""
+    teacher, student = pair
+    torch.manual_seed(0)
+    method = methods.build("diffkd", student, teacher, input_shape=(1, 8, 8), logits=False, plain_kd_weight=0.5,
+                           plain_kd_temperature=2.0)
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 2])
+    logits, terms = method(x, y)
+    assert set(terms) == {"ce", "kd_feature", "diff_feature", "kd"}
+    with torch.no_grad():
+        t = teacher(x)
+    p_t, p_s = (z.div(2.0).softmax(1) for z in (t, logits.detach()))
+    by_hand = 0.5 * 4.0 * (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    assert terms["kd"].item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert "kd" not in methods.build("diffkd", student, teacher, input_shape=(1, 8, 8))(x, y)[1]

@@ -221,6 +221,10 @@ class DiffKDOptions(MethodOptions):
     kd_weight: float = Field(1.0, ge=0, description="λ3, on each branch's KD distance")
     diff_weight: float = Field(1.0, ge=0, description="λ1, on each branch's diffusion loss")
     ae_weight: float = Field(1.0, ge=0, description="λ2, on the AE reconstruction loss")
+    plain_kd_weight: float = Field(0.0, ge=0, description="weight of a standard KD term on the raw logits (T^2 KL "
+                                   "at plain_kd_temperature): not in the paper; with logits: false it gives the "
+                                   "feature branch + standard KD control")
+    plain_kd_temperature: float = Field(4.0, gt=0, description="T of the plain_kd term")
 
     @model_validator(mode="after")
     def _something_to_distil(self) -> DiffKDOptions:
@@ -273,4 +277,6 @@ class DiffKD(Method):
             out = self.logit_branch(logits[..., None, None], teacher_logits[..., None, None])
             terms["kd_logits"] = o.kd_weight * distance(o.logit_distance, out.denoised, out.target, o.temperature)
             terms["diff_logits"] = o.diff_weight * out.diff_loss
+        if o.plain_kd_weight:
+            terms["kd"] = o.plain_kd_weight * kd_loss(logits, teacher_logits, o.plain_kd_temperature)
         return logits, terms
