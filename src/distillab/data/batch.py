@@ -13,7 +13,7 @@ class Batch:
     """`indices`: the images' dataset positions (when asked for: a method's or the teacher cache's); `strong`: a
     strongly augmented view of the same images (for methods that ask for one); `views`: which of its fixed views
     each image is shown in (with `train.teacher_views`). Unpacks like the tuple `(images, labels[, indices][,
-    strong])`."""
+    strong])` and indexes like it."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -23,6 +23,9 @@ class Batch:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.images, self.labels, *[t for t in (self.indices, self.strong) if t is not None]))
+
+    def __getitem__(self, i: int | slice) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        return tuple(self)[i]
 
     def method_args(self, indices: bool) -> tuple[torch.Tensor, ...]:
         """`Method.forward`'s positional arguments: images, labels[, indices][, strong]."""
