@@ -289,7 +289,7 @@ def test_loader_with_indices_yields_the_dataset_positions():
         seen += idx.tolist()
     assert sorted(seen) == list(range(20))
     plain = next(iter(DeviceLoader(data, 6)))
-    assert len(tuple(plain)) == 2 and plain.indices is None  # unpacks as (x, y) without positions
+    assert len(plain) == 2 == len(tuple(plain)) and plain.indices is None  # unpacks as (x, y) without positions
 
 
 # -- ReviewKD -------------------------------------------------------------------------------------

@@ -215,8 +215,8 @@ def _rate(device: torch.device, batches: list[Batch], warmup: int, step: Callabl
     if count_flops:
         with FlopCounterMode(display=False) as counter:
             step(batches[0])
-        flops = counter.get_total_flops() / len(batches[0]) / 1e9
-    return {"images_per_s": sum(len(b) for b in timed) / elapsed, "peak_memory_mb": peak,
+        flops = counter.get_total_flops() / batches[0].size / 1e9
+    return {"images_per_s": sum(b.size for b in timed) / elapsed, "peak_memory_mb": peak,
             "gflops_per_image": flops}
 
 

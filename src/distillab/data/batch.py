@@ -32,5 +32,10 @@ class Batch:
         return (self.images, self.labels, *([self.indices] if indices else []),
                 *([self.strong] if self.strong is not None else []))
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # as the tuple's
+        return 2 + (self.indices is not None) + (self.strong is not None)
+
+    @property
+    def size(self) -> int:
+        """The number of images."""
         return len(self.labels)

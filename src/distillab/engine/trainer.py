@@ -274,7 +274,7 @@ class Trainer:
                 logs = self.method.take_logs()
                 meter.add(logits, batches[0].labels, terms, logs)
                 if cfg.log_steps:
-                    log_step(epoch, step, lr, {**terms, **logs}, len(batches[0]), epoch * steps + step)
+                    log_step(epoch, step, lr, {**terms, **logs}, batches[0].size, epoch * steps + step)
                 if (step + 1) % refresh == 0 or step + 1 == steps:
                     show(step + 1, meter.means(epoch, step), meter.seen / meter.elapsed * self.world.world_size)
                 if step + 1 < steps and self.signals.stop_now(step, refresh, self.world, self.device):
