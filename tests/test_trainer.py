@@ -180,7 +180,7 @@ def test_a_users_callback_sees_every_named_point_of_the_loop(tmp_path):
 
         def on_batch(self, trainer, batches):
             assert all(isinstance(b, Batch) and b.indices is None and b.strong is None for b in batches)
-            self.calls.append(len(batches[0]))
+            self.calls.append(batches[0].size)
 
         def on_epoch_end(self, trainer, record):
             self.calls.append(("epoch", record["epoch"]))
