@@ -92,6 +92,31 @@ def test_configs_ship_with_the_package_and_copy_out_with_their_bases(tmp_path, m
     assert main(["configs", "copy", "no_such_config"]) == 2
 
 
+def test_a_copied_sub_folder_resolves_its_bases_on_its_own(tmp_path, monkeypatch, capsys):
+    """`configs copy cifar100/kd ./mycfg`: the folder's `base: ../_base.yaml` would point outside the copy, so the
+    base comes into the copy and the lines naming it are rewritten; every copy then loads as the shipped config."""
+    from distillab.config_files import PACKAGED_CONFIGS
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["configs", "copy", "cifar100/kd", "mycfg"]) == 0
+    assert "(with mycfg/_base.yaml)" in capsys.readouterr().out
+    assert not (tmp_path / "_base.yaml").exists()  # nothing written outside the destination
+    copies = sorted((tmp_path / "mycfg").glob("*.yaml"))
+    shipped = sorted((PACKAGED_CONFIGS / "cifar100" / "kd").glob("*.yaml"))
+    assert [p.name for p in copies] == sorted(["_base.yaml", *(p.name for p in shipped)])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for original in shipped:
+        copy = tmp_path / "mycfg" / original.name
+        assert "base: _base.yaml" in copy.read_text()
+        assert load_config(copy).model_dump() == load_config(original).model_dump()
+    assert main(["configs", "copy", "cifar100/kd/resnet56_resnet20.yaml", "one/x.yaml"]) == 0
+    assert (elsewhere / "one" / "_base.yaml").is_file()
+    assert load_config(elsewhere / "one" / "x.yaml").model_dump() == load_config(
+        PACKAGED_CONFIGS / "cifar100" / "kd" / "resnet56_resnet20.yaml").model_dump()
+
+
 def test_metrics_csv_and_a_missing_tracker_package_named_before_the_run_directory(config, tmp_path, monkeypatch):
     assert main(["train", str(config)]) == 0
     run = tmp_path / "runs" / "tiny"

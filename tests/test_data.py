@@ -23,7 +23,7 @@ from distillab.config_files import load_config
 from distillab.data import cifar
 from distillab.data.idx import read_idx_images, read_idx_labels, read_idx_pair
 from distillab.data.loader import crop_flip
-from distillab.errors import ConfigError, DataError
+from distillab.errors import ConfigError, DataError, DistillabWarning
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 fashion_mnist = importlib.import_module("distillab.data.fashion_mnist")
@@ -245,6 +245,20 @@ def test_cifar_md5_mismatch(tmp_path):
         dd.load_cifar(tmp_path, "cifar10", download=False, verify_md5=True)
     message = str(err.value)
     assert "data_batch_1" in message and "c99cafc152244af753f735de768cd75f" in message
+
+
+def test_cifar_md5_switch_from_the_config(tmp_path, capsys):
+    """data.verify_md5: false reads a copy that is not the official release, and says so once."""
+    write_cifar(tmp_path, "cifar10")
+    cfg = DataConfig(name="cifar10", root=tmp_path, download=False)
+    with pytest.raises(DataError, match=r"data\.verify_md5=false"):
+        dd.load_splits(cfg)
+    with pytest.warns(DistillabWarning, match="md5 check off") as caught:
+        splits = dd.load_splits(cfg.model_copy(update={"verify_md5": False}))
+    assert len(caught) == 1 and len(splits.train) > 0
+    from distillab.cli import _show_warning  # the CLI prints it as one line
+    _show_warning(caught[0].message, DistillabWarning, "x.py", 1)
+    assert capsys.readouterr().err.startswith("distillab: warning: CIFAR-10 in ")
 
 
 def test_cifar_missing_and_download(tmp_path, monkeypatch):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from distillab.errors import DistillabError
+from distillab.errors import DistillabError, DistillabWarning
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from distillab.engine.trainer import TrainingStopped
 
+    warnings.showwarning = _show_warning
     try:
         return args.func(args) or 0
     except TrainingStopped as exc:
@@ -43,6 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         print(f"distillab: error: {one_line(what)}{where}", file=sys.stderr)
         return 2
+
+
+_show_python_warning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """distillab's own warnings as one `distillab: warning:` line; any other the usual way."""
+    if issubclass(category, DistillabWarning):
+        print(f"distillab: warning: {one_line(str(message))}", file=file or sys.stderr)
+    else:
+        _show_python_warning(message, category, filename, lineno, file, line)
 
 
 def one_line(text: str) -> str:
@@ -377,7 +390,6 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _configs(args: argparse.Namespace) -> int:
-    import shutil
 
     from distillab.config_files import PACKAGED_CONFIGS
 
@@ -400,29 +412,48 @@ def _configs(args: argparse.Namespace) -> int:
     dest = args.dest or Path("configs") / source.relative_to(PACKAGED_CONFIGS)
     if dest.exists():
         raise DistillabError(f"{dest} exists: choose another DEST")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if source.is_dir():
-        shutil.copytree(source, dest)
-    else:
-        _copy_with_bases(source, dest)
-    print(f"copied {source.relative_to(PACKAGED_CONFIGS)} to {dest}")
+    root = Path("configs") if args.dest is None else dest if source.is_dir() else dest.parent
+    files = [(source, dest)] if source.is_file() else [
+        (path, dest / path.relative_to(source)) for path in sorted(source.rglob("*.yaml"))]
+    copied = copy_configs(files, root)
+    print(f"copied {source.relative_to(PACKAGED_CONFIGS)} to {dest}"
+          + (f" (with {', '.join(map(str, copied))})" if copied else ""))
     return 0
 
 
-def _copy_with_bases(source: Path, dest: Path) -> None:
-    """Copy a config file and the `base:` files it names (at the same relative places), unless already there."""
-    import shutil
+def copy_configs(files: list[tuple[Path, Path]], root: Path) -> list[Path]:
+    """Copy config files and every `base:` file they name, so that the copies resolve on their own. A base goes
+    where its relative path puts it if that is inside `root`, else into `root` (its `base:` line rewritten).
+    Nothing is replaced: a file already there must be the same. Returns the bases copied besides `files`."""
+    import os
+    import re
 
     import yaml
 
-    while True:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        if not dest.exists():
-            shutil.copy2(source, dest)
-        base = (yaml.safe_load(source.read_text()) or {}).get("base")
-        if not base:
-            return
-        source, dest = source.parent / base, dest.parent / base
+    placed = {src.resolve(): dst for src, dst in files}
+    queue, extra = list(files), []
+    while queue:
+        src, dst = queue.pop(0)
+        text = src.read_text()
+        base = (yaml.safe_load(text) or {}).get("base")
+        if base:
+            base_src = (src.parent / str(base)).resolve()
+            if base_src not in placed:
+                near = Path(os.path.normpath(dst.parent / str(base)))
+                inside = near.resolve().is_relative_to(root.resolve())
+                placed[base_src] = near if inside else root / base_src.name
+                queue.append((base_src, placed[base_src]))
+                extra.append(placed[base_src])
+            relative = Path(os.path.relpath(placed[base_src], dst.parent)).as_posix()
+            if relative != str(base):
+                text = re.sub(r"^base:.*$", f"base: {relative}", text, count=1, flags=re.M)
+        if dst.exists():
+            if dst.read_text() != text:
+                raise DistillabError(f"{dst} exists and differs from the config to copy there: choose another DEST")
+            continue
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(text)
+    return extra
 
 
 def _models(args: argparse.Namespace) -> int:

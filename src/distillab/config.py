@@ -83,6 +83,8 @@ class DataConfig(StrictModel):
                       "synthetic, or one a module registers (distillab.data.registry.register)")
     root: Path | None = Field(None, description="folder holding (or receiving) the dataset files")
     download: bool = Field(True, description="download missing files from the official site when online")
+    verify_md5: bool = Field(True, description="check CIFAR files against the official md5s; false accepts a "
+                             "copy that differs (repacked, converted), with a warning")
     val_size: int = Field(0, ge=0, description="training images held out as a validation split")
     train_subset: int | None = Field(None, gt=0, description="use a seeded random subset of the training set")
     test_subset: int | None = Field(None, gt=0, description="use the first N test images")

@@ -5,6 +5,14 @@ class DistillabError(Exception):
     """Base class of every error whose message alone tells the user what to fix."""
 
 
+class DistillabWarning(UserWarning):
+    """Something the user should know that does not stop the work; the CLI prints it as one line."""
+
+
+class MissingInputError(DistillabError, TypeError):
+    """A method was called without an input it needs (a strong view, dataset positions)."""
+
+
 class ConfigError(DistillabError):
     """A config file, field or override is wrong."""
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -22,7 +23,7 @@ import torch
 from distillab.data.base import DataSplits, ImageDataset
 from distillab.data.download import check_md5, download
 from distillab.data.registry import register
-from distillab.errors import DataError
+from distillab.errors import DataError, DistillabWarning
 
 Which = Literal["cifar10", "cifar100"]
 
@@ -152,7 +153,7 @@ def _fetch(root: Path, spec: CifarSpec, verify_md5: bool) -> None:
     if not archive.is_file():
         download(spec.url, archive, spec.archive_md5)
     elif verify_md5:
-        check_md5(archive, spec.archive_md5, "; delete it to download it again")
+        check_md5(archive, spec.archive_md5, "; delete it to download it again, or set data.verify_md5=false")
     _extract(archive, root, spec)
 
 
@@ -184,13 +185,18 @@ def load_cifar(root: str | Path | None, which: Which = "cifar10", download: bool
         if folder is None:
             raise DataError(f"{root / spec.archive}: extracted, but {spec.folder}/ lacks some of the "
                             "expected files; delete the archive to download it again")
+    if not verify_md5:
+        warnings.warn(f"{spec.title} in {folder}: md5 check off (data.verify_md5: false), so these files are not "
+                      "known to be the official release; figures from them may not compare with published ones",
+                      DistillabWarning, stacklevel=2)
     parts = {}
     for split, files in (("train", spec.train), ("test", spec.test)):
         images, labels = [], []
         for name, md5 in files:
             path = folder / name
             if verify_md5:
-                check_md5(path, md5, "; delete it (and re-download), or restore the original file")
+                check_md5(path, md5, "; delete it (and re-download), restore the original file, or set "
+                          "data.verify_md5=false to use this copy anyway")
             x, y = _read_batch(path, spec.label_key, spec.num_classes)
             images.append(x)
             labels.append(y)
@@ -200,5 +206,5 @@ def load_cifar(root: str | Path | None, which: Which = "cifar10", download: bool
     return DataSplits(parts["train"], None, parts["test"])
 
 
-register("cifar10")(lambda cfg: load_cifar(cfg.root, "cifar10", cfg.download))
-register("cifar100")(lambda cfg: load_cifar(cfg.root, "cifar100", cfg.download))
+register("cifar10")(lambda cfg: load_cifar(cfg.root, "cifar10", cfg.download, cfg.verify_md5))
+register("cifar100")(lambda cfg: load_cifar(cfg.root, "cifar100", cfg.download, cfg.verify_md5))

@@ -16,6 +16,14 @@ from typing import Any
 
 import torch
 
+from distillab.errors import MissingInputError
+
+
+def missing_input(method: str, what: str, call: str, source: str) -> MissingInputError:
+    """The error of a method called, outside distillab's Trainer, without an input it needs."""
+    return MissingInputError(f"method {method!r} needs {what}: call it as {call}; {source} (distillab's Trainer "
+                             "does this by itself)")
+
 
 class TrainSetIndices:
     """The method needs each image's position in the training set (e.g. CRD's memory bank): before training the

@@ -26,7 +26,7 @@ from torch import nn
 from distillab.errors import ConfigError
 from distillab.losses import kd_loss, nce_loss
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.capabilities import TrainSetIndices
+from distillab.methods.capabilities import TrainSetIndices, missing_input
 from distillab.roles import roles
 
 
@@ -145,8 +145,9 @@ class CRD(TrainSetIndices, Method):
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None):
         if self.memory is None or indices is None:
-            raise RuntimeError("crd needs the training set's labels and each batch's dataset indices: "
-                               "train it with distillab's Trainer (or call bind_train_set and pass indices)")
+            raise missing_input(self.name, "the training set's labels and each batch's positions in it",
+                                "method.bind_train_set(train_labels) once, then method(images, labels, indices)",
+                                "distillab.data.DeviceLoader(..., with_indices=True) yields them")
         o = self.opts
         logits = self.student(images)
         teacher_logits = self.teacher_forward(images)

@@ -29,7 +29,7 @@ from torch import nn
 from distillab.engine.distributed import all_reduce_
 from distillab.errors import ConfigError
 from distillab.methods.base import Method, register
-from distillab.methods.capabilities import BilevelSearch
+from distillab.methods.capabilities import BilevelSearch, missing_input
 from distillab.methods.dfa import DFASearchOptions, aggregate, groups_by_roles, teacher_groups
 
 
@@ -133,8 +133,12 @@ class DFASearch(BilevelSearch, Method):
         for j, (g_ts, g_st, a) in enumerate(zip(grad_ts, grad_st, self.betas[group].softmax(0), strict=True)):
             self._logs.update({f"g{group}_ts_grad_{j}": g_ts, f"g{group}_st_grad_{j}": g_st, f"g{group}_alpha_{j}": a})
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, images_beta: torch.Tensor,
-                labels_beta: torch.Tensor):
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, images_beta: torch.Tensor | None = None,
+                labels_beta: torch.Tensor | None = None):
+        if images_beta is None or labels_beta is None:
+            raise missing_input(self.name, "a batch from each of the two parts of train_parts(n_train) per step",
+                                "method(images, labels, images_beta, labels_beta)",
+                                "it is dfa's search stage, meant for `distillab train` with method dfa")
         group = self.group_of(self.epoch)
         if group is None:  # the warm-up: CE on D_w
             logits = self.student(images)

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from distillab.losses import mlkd_terms
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.capabilities import StrongView
+from distillab.methods.capabilities import StrongView, missing_input
 
 
 class MLKDOptions(MethodOptions):
@@ -40,7 +40,10 @@ class MLKDOptions(MethodOptions):
 class MLKD(StrongView, Method):
     Options = MLKDOptions
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, strong: torch.Tensor):
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, strong: torch.Tensor | None = None):
+        if strong is None:
+            raise missing_input(self.name, "a strongly augmented view of each batch", "method(images, labels, strong)",
+                                "distillab.data.DeviceLoader(..., strong_view=True) makes it")
         o = self.opts
         logits, logits_strong = self.student(images), self.student(strong)  # apart: BN sees one view at a time
         with torch.no_grad():

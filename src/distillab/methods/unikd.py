@@ -27,7 +27,7 @@ from torch import nn
 from distillab.errors import ConfigError
 from distillab.losses import dkd_loss, gaussian_kl, kd_loss, mlkd_terms, warmup_factor
 from distillab.methods.base import Method, MethodOptions, register
-from distillab.methods.capabilities import StrongView
+from distillab.methods.capabilities import StrongView, missing_input
 from distillab.methods.reviewkd import gated_sum
 from distillab.roles import FeatureInfo, roles
 
@@ -202,6 +202,10 @@ class UniKD(StrongView, Method):
         return names if len(names) == levels - 1 else []
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor, strong: torch.Tensor | None = None):
+        if self.strong_view and strong is None:  # logit_loss mlkd reads the strong view
+            raise missing_input(self.name, "a strongly augmented view of each batch (logit_loss: mlkd)",
+                                "method(images, labels, strong)",
+                                "distillab.data.DeviceLoader(..., strong_view=True) makes it")
         o = self.opts
         views = [images] if strong is None else [images, strong]
         outputs = []  # per view: student logits and the fused map (two student forwards: BN sees one view each)
