@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # would pull the newest CUDA build (several GB). Override with `make TORCH=torch==2.5.1 test`.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint figures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check src tests
+
+figures: install  # every plot under results/, from committed records (no training)
+	$(BIN)/python benchmarks/figures.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

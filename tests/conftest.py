@@ -3,8 +3,9 @@
 `TINY` is the small digits run (resnet8, ce, 200 training images, one epoch); a test lays the settings it depends on
 over it as `key=value` changes, parsed like `--set`: `tiny_run` gives the validated config, `tiny_config` the YAML
 file for the CLI. `digits_teacher` is a resnet14 trained once per session on digits, for the tests that need a
-teacher with some skill; `untrained_digits_teacher` is a seeded untrained resnet8, for those that need only its
-shapes. Test modules import the helpers with `from conftest import ...`.
+teacher with some skill; `untrained_digits_teacher` is a seeded resnet8 given a single epoch (`fit_to_digits`), for
+those that need only its shapes (a run refuses a teacher at chance). Test modules import the helpers with
+`from conftest import ...`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 import yaml
+from rich.console import Console
 
-from distillab import models
+from distillab import methods, models
+from distillab.config import TrainConfig
 from distillab.config_files import load_config
+from distillab.data.digits import load_digits
 from distillab.engine.checkpoint import save_safetensors
+from distillab.engine.trainer import Trainer
 from distillab.run import train_run
 
 if TYPE_CHECKING:
@@ -77,6 +82,22 @@ def teacher_changes(checkpoint: str | Path, name: str = DIGITS_TEACHER) -> tuple
     return f"teacher.name={name}", f"teacher.checkpoint={checkpoint}"
 
 
+def fit_to_digits(model: torch.nn.Module, epochs: int = 1, lr: float = 0.01) -> torch.nn.Module:
+    """`model`, a classifier of 1x8x8 digits, after `epochs` of ce (AdamW, constant `lr`, no augmentation, one
+    thread) on the digits training split: far above chance (40 to 97 % test for the networks of these tests), where
+    an untrained one is at chance, which a run refuses in a teacher. Trained in place and returned."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = TrainConfig(epochs=epochs, device="cpu", progress=False, optim={"name": "adamw", "lr": lr},
+                          schedule={"name": "constant"})
+        Trainer(methods.build("ce", model, input_shape=(1, 8, 8)), load_digits(), cfg, augment=None,
+                console=Console(quiet=True)).fit()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval()
+
+
 @pytest.fixture(autouse=True)
 def _two_threads():
     """Keep each test on the machine's cores and make CPU runs repeatable."""
@@ -102,9 +123,9 @@ def digits_teacher(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def untrained_digits_teacher(tmp_path_factory) -> str:
-    """A seeded, untrained resnet8 for 1x8x8 digits as a weights file: for tests of a method's mechanics, which
-    need the teacher's shapes, not its skill."""
+    """A seeded resnet8 for 1x8x8 digits, barely trained (`fit_to_digits`), as a weights file: for tests of a
+    method's mechanics, which need the teacher's shapes, not its skill (but runs refuse a teacher at chance)."""
     path = tmp_path_factory.mktemp("untrained_teacher") / "teacher.safetensors"
     torch.manual_seed(5)
-    save_safetensors(models.build("resnet8", num_classes=10, in_channels=1), path)
+    save_safetensors(fit_to_digits(models.build("resnet8", num_classes=10, in_channels=1)), path)
     return str(path)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import teacher_changes, tiny_config
+from conftest import fit_to_digits, teacher_changes, tiny_config
 from distillab import methods, models
 from distillab.bench.suite import load_suite
 from distillab.cli import main
@@ -320,7 +320,7 @@ def test_errors_name_the_option(tmp_path):
 # ------------------------------------------------------------------------------------------ CLI, end to end
 def dfa_config(tmp_path, name="dfa", search="epochs_per_group: 1, beta_lr: 0.01", epochs=1):
     teacher, _ = nets()
-    save_safetensors(teacher, tmp_path / "teacher.safetensors")  # an untrained teacher: the pipeline is tested
+    save_safetensors(fit_to_digits(teacher), tmp_path / "teacher.safetensors")  # one epoch: the pipeline is tested
     return tiny_config(tmp_path, name, "data.val_size=200", "data.train_subset=400",
                        *teacher_changes(tmp_path / "teacher.safetensors", "resnet14"), "method.name=dfa",
                        f"method.options={{fd_weight: 1.0, search: {{{search}}}}}", f"train.epochs={epochs}",

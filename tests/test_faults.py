@@ -234,10 +234,10 @@ def test_a_broken_teacher_is_refused_on_load(tmp_path, capsys, mutate, message):
     assert not (tmp_path / "runs" / "kd").exists()
 
 
-def test_a_teacher_whose_sha256_differs_from_the_config_is_refused(tmp_path, capsys):
+def test_a_teacher_whose_sha256_differs_from_the_config_is_refused(tmp_path, capsys, untrained_digits_teacher):
     from distillab.engine.checkpoint import sha256
 
-    teacher = teacher_file(tmp_path)
+    teacher = untrained_digits_teacher  # it trains at the end: a teacher above chance
     good = sha256(teacher)
     assert main(["train", str(kd_config(tmp_path, teacher, f"teacher.sha256='{'0' * 64}'"))]) == 2
     err = capsys.readouterr().err

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import teacher_changes, tiny_config
+from conftest import fit_to_digits, teacher_changes, tiny_config
 from distillab import methods, models
 from distillab.cli import main
 from distillab.config_files import load_config
@@ -131,7 +131,8 @@ def test_unikd_variant_b_is_mlkd_plus_the_unikd_terms_on_both_views():
 def test_two_view_methods_train_from_the_cli(tmp_path, method):
     options = "{logit_loss: mlkd}" if method == "unikd" else "{}"
     torch.manual_seed(0)
-    save_safetensors(models.build("resnet14", num_classes=10, in_channels=1), tmp_path / "teacher.safetensors")
+    save_safetensors(fit_to_digits(models.build("resnet14", num_classes=10, in_channels=1)),
+                     tmp_path / "teacher.safetensors")
     config = tiny_config(tmp_path, "two_views", "data.augment.flip=true", "train.batch_size=50",
                          *teacher_changes(tmp_path / "teacher.safetensors", "resnet14"), f"method.name={method}",
                          f"method.options={options}")

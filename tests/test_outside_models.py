@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import teacher_changes, tiny_config
+from conftest import fit_to_digits, teacher_changes, tiny_config
 from distillab import methods, models
 from distillab.cli import main
 from distillab.engine.checkpoint import load_weights, save_safetensors
@@ -118,7 +118,8 @@ def test_rdr_merges_its_branches_into_an_hf_resnet_student():
 @pytest.fixture(scope="module")
 def saved_hf_vit(tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf") / "vit_teacher"
-    hf("vit", shape=(1, 8, 8), patch_size=2, image_size=8).model.save_pretrained(directory)
+    model = fit_to_digits(hf("vit", shape=(1, 8, 8), patch_size=2, image_size=8), epochs=6, lr=3e-3)  # ~40 %:
+    model.model.save_pretrained(directory)  # above chance, as a run requires of a teacher
     return directory
 
 

@@ -9,7 +9,7 @@ import torch
 
 from distillab import data, methods, models
 from distillab.config import AugmentConfig
-from distillab.engine.checkpoint import save_safetensors
+from distillab.engine.checkpoint import load_weights, save_safetensors
 from distillab.errors import MissingInputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def test_the_readme_loop_trains_the_student_as_written(tmp_path, monkeypatch):
     moved = [not torch.equal(a, b) for a, b in zip(student.parameters(), untrained.parameters(), strict=True)]
     assert all(moved)  # every parameter was trained
     teacher = models.build("resnet20", num_classes=10, in_channels=1)
-    models.load_weights(teacher, tmp_path / "teacher.safetensors")
+    load_weights(teacher, tmp_path / "teacher.safetensors")
     assert torch.equal(teacher.state_dict()["head.fc.weight"], method.teacher.state_dict()["head.fc.weight"])
 
 

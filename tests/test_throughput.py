@@ -13,8 +13,11 @@ def _tiny(**kw) -> ThroughputSpec:
                           num_classes=10, batch=8, warmup=1, steps=2, **{"repeats": 2, **kw})
 
 
-def test_throughput_reports_every_method_against_the_bound():
+def test_throughput_reports_every_method_against_the_bound(capsys):
     result = measure(_tiny())
+    out = capsys.readouterr().out.splitlines()  # a line per measurement, the methods counted k of N
+    assert [line.split(":")[0] for line in out if line.startswith("[")] == ["[1/2] kd", "[2/2] fitnet"]
+    assert sum(line.startswith("teacher forward: ") for line in out) == 2  # the bound, before and after
     bound = result["bound"]
     for part in ("before", "after"):
         student, teacher = bound[part]["student_step"]["images_per_s"], bound[part]["teacher_forward"]["images_per_s"]

@@ -23,6 +23,7 @@ _LAZY = {
     "RunConfig": "distillab.config:RunConfig",
     "FeatureTap": "distillab.features:FeatureTap",
     "load_config": "distillab.config_files:load_config",
+    "load_weights": "distillab.engine.checkpoint:load_weights",
     "train_run": "distillab.run:train_run",
 }
 

@@ -7,13 +7,33 @@ import sys
 import warnings
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from distillab.console import make_console
 from distillab.errors import DistillabError, DistillabWarning
+
+CLOSED_PIPE = 141  # 128 + SIGPIPE: the status of a process a closed pipe ends, as the shell reports it
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]); returns the exit status. Output into a pipe closed
+    early (`distillab configs list | head -1`) ends the command quietly with status 141, as a program the
+    SIGPIPE signal stops: no traceback, nothing on stderr."""
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, not as a message at exit
+    except BrokenPipeError:
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)  # what is still buffered for stdout goes nowhere at exit
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return CLOSED_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -38,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("distillab: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise  # main's to handle: no error message into a closed pipe
     except (OSError, MemoryError) as exc:  # the machine's, not the input's: still one line (--debug: traceback)
         if args.debug:
             raise
@@ -188,6 +210,19 @@ def _parser() -> argparse.ArgumentParser:
     _debug_flag(p)
     p.set_defaults(func=_configs)
 
+    p = sub.add_parser("teachers", help="published teachers by name (mdistiller's and RepDistiller's CIFAR-100 "
+                       "teachers, the shipped Fashion-MNIST ones); `teachers fetch NAME` downloads and converts one")
+    p.add_argument("action", nargs="?", choices=["list", "fetch"], default="list")
+    p.add_argument("name", nargs="?", help="fetch: the teacher, e.g. cifar100_resnet32x4 (see `distillab teachers`)")
+    p.add_argument("--from", dest="source", type=Path, metavar="FILE",
+                   help="fetch: convert FILE (the release's checkpoint or tar, downloaded by hand) instead of "
+                   "downloading")
+    p.add_argument("--sha256", metavar="HEX", help="fetch: check the checkpoint against this SHA-256 (instead of "
+                   "the recorded one)")
+    p.add_argument("--force", action="store_true", help="fetch: download and convert again")
+    _debug_flag(p)
+    p.set_defaults(func=_teachers)
+
     p = sub.add_parser("models", help="list the model zoo with parameter counts")
     p.add_argument("--num-classes", type=int, default=100)
     _debug_flag(p)
@@ -229,7 +264,7 @@ def _train(args: argparse.Namespace) -> int:
     from distillab.engine.distributed import world_from_env
 
     if world_from_env().is_main:  # under torchrun, once
-        Console().print(f"[bold green]done[/]: test {summary['test_acc']:.2f}% -> {cfg.run_dir}")
+        make_console().print(f"[bold green]done[/]: test {summary['test_acc']:.2f}% -> {cfg.run_dir}")
     return 0
 
 
@@ -255,7 +290,7 @@ def _convert(args: argparse.Namespace) -> int:
                              "it") from None
     except OSError as exc:
         raise DistillabError(f"{describe_write_failure(exc)} while writing {args.output}") from None
-    Console().print(f"[bold green]done[/]: {args.model} ({sum(p.numel() for p in model.parameters()):,} "
+    make_console().print(f"[bold green]done[/]: {args.model} ({sum(p.numel() for p in model.parameters()):,} "
                     f"parameters) -> {args.output}")
     return 0
 
@@ -278,7 +313,7 @@ def _eval(args: argparse.Namespace) -> int:
         if dataset is not None:
             r = evaluate(network, eval_loader(dataset, device, cfg.train.eval_batch_size))
             table.add_row(split, f"{len(dataset):,}", f"{r['acc']:.2f}", f"{r['loss']:.4f}")
-    Console().print(table)
+    make_console().print(table)
     return 0
 
 
@@ -288,7 +323,7 @@ def _export(args: argparse.Namespace) -> int:
     done = export_run(args.run_dir, args.output, args.overrides, args.format, force=args.force,
                       allow_code=args.allow_code)
     at = f"epoch {done.epoch}" + (f", step {done.step}" if done.step else "")
-    Console().print(f"[bold green]wrote[/] {done.path} ({done.format}): {done.model} ({done.parameters:,} "
+    make_console().print(f"[bold green]wrote[/] {done.path} ({done.format}): {done.model} ({done.parameters:,} "
                     f"parameters), deployed by {done.method} from the checkpoint at {at}")
     return 0
 
@@ -320,8 +355,8 @@ def _bench_tune(args: argparse.Namespace) -> int:
     chosen = tune_suite(suite, _labels(args.only))
     for label in suite.tune.grids:
         if args.only is None or label in _labels(args.only):
-            Console().print(f"{label}: {', '.join(chosen[label]) if label in chosen else 'not complete'}")
-    Console().print(f"[bold green]done[/]: {suite.results_dir / (suite.name + '_tuning.md')}")
+            make_console().print(f"{label}: {', '.join(chosen[label]) if label in chosen else 'not complete'}")
+    make_console().print(f"[bold green]done[/]: {suite.results_dir / (suite.name + '_tuning.md')}")
     return 0
 
 
@@ -369,7 +404,7 @@ def _bench_throughput(args: argparse.Namespace) -> int:
         from distillab.run import check_new_file
 
         check_new_file(args.output, args.force)
-    console = Console()
+    console = make_console()
     result = measure(spec, console)
     output = args.output or unused_path(default_output(spec))
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -383,7 +418,7 @@ def _report(args: argparse.Namespace) -> int:
     from distillab.bench.report import report
 
     table, figure = report(args.run_dirs, args.output, group_seeds=args.group_seeds, force=args.force)
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print(f"curves: {figure}" if figure else "no finished epoch yet: no curves drawn")
     return 0
@@ -456,6 +491,49 @@ def copy_configs(files: list[tuple[Path, Path]], root: Path) -> list[Path]:
     return extra
 
 
+def _teachers(args: argparse.Namespace) -> int:
+    from distillab import published
+
+    console = make_console()
+    if args.action == "list":
+        if args.name or args.source or args.sha256 or args.force:
+            raise DistillabError("`distillab teachers` lists; to fetch one: distillab teachers fetch NAME")
+        table = Table(title="published teachers (a config names one as teacher.checkpoint: published:NAME)")
+        for col in ("name", "model", "data", "from", "SHA-256", "here"):
+            table.add_column(col)
+        for t in published.TEACHERS.values():
+            where = str(t.path()) if t.available() else f"distillab teachers fetch {t.name}"
+            table.add_row(t.name, t.model, t.dataset, t.source + (" (shipped)" if t.shipped else ""),
+                          "recorded" if t.sha256 else "unknown", where)
+        console.print(table)
+        console.print(f"fetched teachers go to {published.cache_dir()} ($DISTILLAB_HOME/teachers when set)")
+        return 0
+    if not args.name:
+        raise DistillabError("distillab teachers fetch NAME: name a teacher (see `distillab teachers`)")
+    from distillab.teacher_fetch import fetch
+
+    done = fetch(args.name, args.source, args.sha256, args.force, console)
+    entry = done.entry
+    if done.action == "shipped":
+        console.print(f"{entry.name} ships with distillab: nothing to fetch")
+    elif done.action == "cached":
+        console.print(f"{entry.name} was fetched before (--force to fetch it again)")
+    elif done.verified:
+        console.print(f"SHA-256 {done.sha256}: checked")
+    else:
+        console.print(f"SHA-256 {done.sha256}: not verified (no public source gives this file's checksum; pass "
+                      "--sha256 to check it against one you trust)")
+    kwargs = ""
+    if entry.kwargs:
+        import yaml
+
+        flow = yaml.safe_dump(entry.kwargs, default_flow_style=True, sort_keys=False, width=1_000).strip()
+        kwargs = f", kwargs: {flow}"
+    console.print(f"[bold green]{entry.name}[/] ({entry.model}, {entry.dataset}, {entry.source}): {done.path}\n"
+                  f"use it: teacher: {{name: {entry.model}{kwargs}, checkpoint: {published.PREFIX}{entry.name}}}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from distillab import models
 
@@ -467,7 +545,7 @@ def _models(args: argparse.Namespace) -> int:
         model = models.build(name, num_classes=args.num_classes)
         table.add_row(name, f"{sum(p.numel() for p in model.parameters()):,}",
                       ", ".join(map(str, model.stage_channels)))
-    Console().print(table)
+    make_console().print(table)
     return 0
 
 
@@ -483,7 +561,7 @@ def _methods(args: argparse.Namespace) -> int:
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
         options = ", ".join(f"{k}={f.default}" for k, f in cls.Options.model_fields.items())
         table.add_row(name, "yes" if cls.requires_teacher else "no", doc[0] if doc else "", options)
-    Console().print(table)
+    make_console().print(table)
     return 0
 
 

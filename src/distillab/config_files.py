@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from distillab import methods
+from distillab import methods, published
 from distillab.config import MethodConfig, RunConfig, format_validation_error
 from distillab.data import registry as data_registry
 from distillab.errors import ConfigError, DistillabError, UnknownNameError
@@ -144,6 +144,26 @@ def packaged_config(path: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+def config_that_trains(run_dir: Path, model: str) -> str | None:
+    """The shipped config whose run directory is `run_dir` (as the config names it, relative) and whose student is
+    `model`, as `configs/...`; None when there is none."""
+    run_dir = Path(run_dir)
+    if len(run_dir.parts) < 2 or run_dir.is_absolute():
+        return None
+    for path in sorted(PACKAGED_CONFIGS.rglob("*.yaml")):
+        if f"name: {run_dir.name}" not in path.read_text(encoding="utf-8", errors="replace"):
+            continue  # most configs name no run: their bases need not be read
+        try:
+            tree = read_config_file(path)
+        except DistillabError:
+            continue
+        student = tree.get("student")
+        if (Path(str(tree.get("output_dir", "runs"))) / str(tree.get("name")) == run_dir
+                and isinstance(student, dict) and student.get("name") == model):
+            return f"configs/{path.relative_to(PACKAGED_CONFIGS).as_posix()}"
+    return None
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """A YAML config file's keys, its `base:` files resolved; a missing `configs/...` path falls back to the
     shipped config of that name."""
@@ -182,6 +202,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict[s
     except UnknownNameError as exc:
         raise ConfigError(f"{where}data.name: {exc}") from None
     check_method(cfg.method, where)
+    published.check_config(cfg, where)
     return cfg
 
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distillab.config import RunConfig
+from distillab.console import make_console
 from distillab.engine.run_files import SUMMARY_FILE
 from distillab.run import CONFIG_FILE, same_config, train_run
 
@@ -50,21 +51,24 @@ def demo_configs(output_dir: Path, seeds: int = 1) -> tuple[RunConfig, list[RunC
 
 def run_demo(output_dir: Path = Path("runs/demo"), seeds: int = 3, console: Console | None = None,
              force: bool = False) -> Table:
-    """Run the demo and print its table. A finished run of the same config in `output_dir` is reused; any other
-    run directory in the way is an error unless `force` (then the demo's runs are trained again)."""
-    console = console or Console()
+    """Run the demo and print its table, with a `[k/N] run` line per run. A finished run of the same config in
+    `output_dir` is reused; any other run directory in the way is an error unless `force` (then the demo's runs are
+    trained again)."""
+    console = console or make_console()
     teacher_cfg, student_cfgs = demo_configs(Path(output_dir), seeds)
     start = time.perf_counter()
     results: dict[str, list[dict[str, Any]]] = {}
-    for label, cfg in [("teacher", teacher_cfg), *((c.method.name, c) for c in student_cfgs)]:
+    runs = [("teacher", teacher_cfg), *((c.method.name, c) for c in student_cfgs)]
+    for k, (label, cfg) in enumerate(runs, 1):
         done = cfg.run_dir / SUMMARY_FILE
+        step = f"[{k}/{len(runs)}]"
         if not force and done.is_file() and same_config(cfg.run_dir / CONFIG_FILE, cfg):
             summary, how = json.loads(done.read_text()), "reused"
         else:
-            with console.status(f"training {cfg.run_name} ({cfg.student.name}, {cfg.method.name})"):
+            with console.status(f"{step} training {cfg.run_name} ({cfg.student.name}, {cfg.method.name})"):
                 summary = train_run(cfg, force=force, console=Console(quiet=True))
             how = f"{summary['wall_time_s']:.1f} s"
-        console.print(f"{cfg.run_name:>14}: {cfg.student.name} {cfg.method.name}, test {summary['test_acc']:.2f}%, "
+        console.print(f"{step} {cfg.run_name}: {cfg.student.name} {cfg.method.name}, test {summary['test_acc']:.2f}%, "
                       f"{how}")
         results.setdefault(label, []).append(summary)
 

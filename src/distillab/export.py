@@ -11,12 +11,17 @@ Every format carries a model card (`distillab` metadata, JSON): the student's mo
 size and the normalisation ((x / 255 - mean) / std per channel), so that the file can be rebuilt and fed without
 the run directory. safetensors holds the weights only: `load_exported` rebuilds the network from the card. ONNX and
 `torch.export` hold the graph too, with a dynamic batch dimension (input `images`, output `logits`).
+
+An outside student's card also names the version of the package that built it (`packages`); an `hf:` student's
+carries its transformers config (`hf_config`), so that it rebuilds without the directory it was built from. A
+`module:` student rebuilds by importing its module, which runs code: only with `allow_code`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +39,9 @@ FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torch-export": ".pt2
 EXPORT_STEM = "exported_student"
 EXPORT_FILE = EXPORT_STEM + FORMATS["safetensors"]
 CARD_KEY = "distillab"
-CARD_VERSION = 2  # 2: `deploy` (the method's deploy_card entries); a card without it (1) is the plain student
+CARD_VERSION = 3  # 2: `deploy` (the method's deploy_card entries); a card without it (1) is the plain student.
+# 3: `packages` and `hf_config` for outside students; an `hf:` card without `hf_config` (2) names its directory
+CODE_PREFIX = "module:"
 
 
 @dataclass
@@ -51,14 +58,18 @@ class Exported:
 
 
 def model_card(model: str, kwargs: dict[str, Any], data: DataSplits, method: str, fused_bn: bool = False,
-               deploy: dict[str, Any] | None = None) -> dict[str, Any]:
+               deploy: dict[str, Any] | None = None, student: nn.Module | None = None) -> dict[str, Any]:
     """What rebuilds and feeds an exported network: the student `model(**kwargs)`, turned into the deployed
-    network by `method`'s `rebuild_deployed` with the `deploy` entries (its `deploy_card()`) where there are any."""
+    network by `method`'s `rebuild_deployed` with the `deploy` entries (its `deploy_card()`) where there are any.
+    For an outside `student` (the built model), what its name alone does not give (`outside.card_entries`)."""
+    from distillab.models import outside
+
     train = data.train
     return {"version": CARD_VERSION, "model": model, "kwargs": kwargs, "num_classes": data.num_classes,
             "input_size": list(data.image_shape), "mean": list(train.mean), "std": list(train.std),
             "input": "float32 N x C x H x W, (pixels / 255 - mean) / std per channel", "method": method,
-            "fused_bn": fused_bn, "deploy": dict(deploy or {})}
+            "fused_bn": fused_bn, "deploy": dict(deploy or {}),
+            **(outside.card_entries(model, student) if student is not None else {})}
 
 
 def export_run(run_dir: str | Path, output: str | Path | None = None, overrides: list[str] = (),
@@ -77,7 +88,7 @@ def export_run(run_dir: str | Path, output: str | Path | None = None, overrides:
     network = method.deploy()
     method.close()  # the method's feature taps off the student before it is traced
     card = model_card(cfg.student.name, cfg.student.kwargs, data, cfg.method.name, method.deploy_folds_bn,
-                      method.deploy_card())
+                      method.deploy_card(), student=network)
     try:
         export_model(network, path, card, format, replace=force)
     except FileExistsError:
@@ -182,11 +193,14 @@ def read_card(path: str | Path) -> dict[str, Any]:
     return json.loads(text)
 
 
-def load_exported(path: str | Path) -> nn.Module:
+def load_exported(path: str | Path, allow_code: bool = False) -> nn.Module:
     """The network of an exported safetensors file, rebuilt from its card and loaded strictly, in eval mode: the
-    student, built from its name and kwargs, then (where the card has `deploy` entries) turned into the method's
-    deployed network by the method's `rebuild_deployed`."""
-    from distillab import methods, models
+    student, built from its name and kwargs (an `hf:` one from its card's transformers config), then (where the
+    card has `deploy` entries) turned into the method's deployed network by the method's `rebuild_deployed`.
+
+    A `module:` student is rebuilt by importing its module and calling its factory, which runs code: a file may
+    come from someone else, so that needs `allow_code=True`. Any failure to rebuild is one line naming the model.
+    """
     from distillab.engine.checkpoint import load_weights
 
     card = read_card(path)
@@ -194,14 +208,54 @@ def load_exported(path: str | Path) -> nn.Module:
     if not isinstance(version, int) or isinstance(version, bool) or version > CARD_VERSION:
         raise CheckpointError(f"{path}: model card version {version!r}; this distillab reads versions up to "
                               f"{CARD_VERSION} (upgrade distillab)")
+    name = card.get("model")
     if card.get("fused_bn"):
         raise CheckpointError(f"{path}: its BN layers were folded into the convs (fuse_bn), so no stock "
-                              f"{card['model']} takes it: export it as onnx or torch-export instead")
-    size = tuple(card["input_size"])
-    model = models.build(card["model"], num_classes=card["num_classes"], in_channels=size[0], input_size=size,
-                         **card["kwargs"])
+                              f"{name} takes it: export it as onnx or torch-export instead")
+    if not isinstance(name, str):
+        raise CheckpointError(f"{path}: its model card names no model")
+    if name.startswith(CODE_PREFIX) and not allow_code:
+        raise CheckpointError(f"{path}: its student {name!r} is rebuilt by importing and running code, and the "
+                              "file may come from someone else: pass allow_code=True if you trust it")
+    try:
+        model = _rebuild(card, name)
+    except DistillabError as exc:
+        why = re.sub(rf"^model '?{re.escape(name)}'?:? ", "", str(exc))  # the model is named here once
+        packages = card.get("packages") if isinstance(card.get("packages"), dict) else {}
+        written = ", ".join(f"{k} {v}" for k, v in packages.items())
+        raise CheckpointError(f"{path}: cannot rebuild its network {name!r} from the card: {_first_line(why)}"
+                              + (f" (the card was written with {written})" if written else "")) from None
+    load_weights(model, Path(path), "exported network")
+    return model.eval()
+
+
+def _rebuild(card: dict[str, Any], name: str) -> nn.Module:
+    """The card's deployed network, with fresh weights."""
+    from distillab import methods, models
+    from distillab.models import outside
+
+    try:
+        size = tuple(int(n) for n in card["input_size"])
+        num_classes, kwargs = int(card["num_classes"]), dict(card.get("kwargs") or {})
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"a malformed card ({type(exc).__name__}: {exc})") from None
+    if "hf_config" in card:
+        model = outside.build_hf_from_config(name, card["hf_config"], size)
+    else:
+        try:
+            model = models.build(name, num_classes=num_classes, in_channels=size[0], input_size=size, **kwargs)
+        except ConfigError as exc:
+            if name.startswith("hf:") and "neither a directory" in str(exc):  # a version 2 card names its directory
+                raise ConfigError(f"this card (version {card['version']}) names the directory {name[3:]!r} as it was "
+                                  "given at export, and there is none here: load it from that working directory, "
+                                  "or export the run again") from None
+            raise
     entries = card.get("deploy") or {}
     if entries:
         model = methods.get(card["method"]).rebuild_deployed(model, entries)
-    load_weights(model, Path(path), "exported network")
-    return model.eval()
+    return model
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = (text.strip().splitlines() or [""])[0]
+    return line if len(line) <= limit else line[:limit - 3] + "..."

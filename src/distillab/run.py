@@ -15,9 +15,10 @@ import torch
 from pydantic import ValidationError
 from rich.console import Console
 
-from distillab import methods, models
-from distillab.config import RunConfig, format_validation_error
-from distillab.config_files import dump_config, load_config, merge
+from distillab import methods, models, published
+from distillab.config import ModelConfig, RunConfig, format_validation_error
+from distillab.config_files import config_that_trains, dump_config, load_config, merge
+from distillab.console import make_console
 from distillab.data import DataSplits, load_splits
 from distillab.engine.checkpoint import (
     CHECKPOINT_FILE,
@@ -35,6 +36,7 @@ from distillab.engine.trackers import check_trackers
 from distillab.engine.trainer import Trainer, TrainingStopped, check_batch, check_setup
 from distillab.errors import CheckpointError, ConfigError, DistillabError
 from distillab.methods import capabilities
+from distillab.models.outside import ReinitialisedWeights
 
 CONFIG_FILE = "config.yaml"
 RUN_MARKER = ".distillab-run"  # written into every run directory distillab creates; --force deletes only these
@@ -55,14 +57,12 @@ def set_determinism(deterministic: bool) -> None:
 def build_models(cfg: RunConfig, data: DataSplits, with_teacher: bool = True
                  ) -> tuple[torch.nn.Module | None, torch.nn.Module, dict[str, Any]]:
     """The teacher (weights loaded; None unless `with_teacher`), the student (seeded init) and the run's info."""
-    num_classes, shape = data.num_classes, data.image_shape
     info: dict[str, Any] = {"run": cfg.run_name, "student": cfg.student.name, "dataset": cfg.data.name}
     teacher = None
     if with_teacher:
         if cfg.teacher is None:
             raise ConfigError(f"method {cfg.method.name!r} needs a teacher: set teacher.name and teacher.checkpoint")
-        teacher = models.build(cfg.teacher.name, num_classes=num_classes, in_channels=shape[0], input_size=shape,
-                               **cfg.teacher.kwargs)
+        teacher = _build_model(cfg.teacher, data, exact_weights=cfg.teacher.checkpoint is None)
         info["teacher"] = cfg.teacher.name
         preloaded = getattr(teacher, "weights_source", None)  # an hf: directory with its weights
         if cfg.teacher.checkpoint is None and preloaded is None:
@@ -71,21 +71,42 @@ def build_models(cfg: RunConfig, data: DataSplits, with_teacher: bool = True
         if cfg.teacher.checkpoint is None:
             info["teacher_weights"] = str(preloaded)
         else:
-            info["teacher_sha256"] = load_weights(teacher, cfg.teacher.checkpoint, "teacher")
+            info["teacher_sha256"] = load_weights(teacher, teacher_weights_path(cfg), "teacher")
         if cfg.teacher.sha256 is not None and info.get("teacher_sha256") != cfg.teacher.sha256:
             raise CheckpointError(f"teacher weights {cfg.teacher.checkpoint}: SHA-256 {info.get('teacher_sha256')} "
                                   f"is not the expected teacher.sha256 {cfg.teacher.sha256} (a changed or "
                                   "different file)")
         check_teacher_weights(teacher, cfg.teacher.checkpoint or preloaded)
     torch.manual_seed(cfg.seed)
-    student = models.build(cfg.student.name, num_classes=num_classes, in_channels=shape[0], input_size=shape,
-                           **cfg.student.kwargs)
+    student = _build_model(cfg.student, data)
     if cfg.student.checkpoint is not None:  # start from given weights instead of the seeded init
-        info["student_init_sha256"] = load_weights(student, cfg.student.checkpoint, "student")
+        info["student_init_sha256"] = load_weights(student, published.resolve(cfg.student.checkpoint, "student"),
+                                                   "student")
         if cfg.student.sha256 is not None and info["student_init_sha256"] != cfg.student.sha256:
             raise CheckpointError(f"student weights {cfg.student.checkpoint}: SHA-256 {info['student_init_sha256']} "
                                   f"is not the expected student.sha256 {cfg.student.sha256}")
     return teacher, student, info
+
+
+def _build_model(spec: ModelConfig, data: DataSplits, exact_weights: bool = False) -> torch.nn.Module:
+    """The teacher or student `spec` for `data`. `exact_weights`: see `models.build`; with a checkpoint to load,
+    the weights an `hf:` directory gives as it is built are replaced, so no re-initialised tensor is reported."""
+    with warnings.catch_warnings():
+        if spec.checkpoint is not None:
+            warnings.simplefilter("ignore", ReinitialisedWeights)
+        return models.build(spec.name, num_classes=data.num_classes, in_channels=data.image_shape[0],
+                            input_size=data.image_shape, exact_weights=exact_weights, **spec.kwargs)
+
+
+def teacher_weights_path(cfg: RunConfig) -> Path:
+    """The file or run directory of the teacher's weights (`published:NAME` resolved); where nothing is there, a
+    CheckpointError that says how to get the teacher."""
+    assert cfg.teacher is not None and cfg.teacher.checkpoint is not None
+    path = published.resolve(cfg.teacher.checkpoint)
+    if not path.expanduser().exists():
+        hint = published.missing_teacher_hint(cfg, config_that_trains(path, cfg.teacher.name))
+        raise CheckpointError(f"{path}: weights file not found (teacher.checkpoint); {hint}")
+    return path
 
 
 def check_teacher_weights(teacher: torch.nn.Module, where: Path) -> None:
@@ -115,7 +136,9 @@ def restore_method(run_dir: str | Path, overrides: list[str] = (), allow_code: b
     state = load_checkpoint(run_dir / CHECKPOINT_FILE)
     check_training_state(state, run_dir / CHECKPOINT_FILE)
     data = load_splits(cfg.data)
-    method, _ = build_method(cfg, data)
+    with warnings.catch_warnings():  # the student's first weights, whatever was re-initialised, give way to these
+        warnings.simplefilter("ignore", ReinitialisedWeights)
+        method, _ = build_method(cfg, data)
     try:
         method.load_trainable_state_dict(state["method"])
     except RuntimeError as exc:
@@ -338,7 +361,7 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
     world = init_world(device)  # process-wide set-up lives here, not in the Trainer
     if device.type == "cpu":
         keep_freed_memory()
-    console = console or Console(quiet=not world.is_main)
+    console = console or make_console(quiet=not world.is_main)
     set_determinism(cfg.train.deterministic)  # process-wide, so set here rather than by the Trainer
     run_dir = cfg.run_dir
     check_trackers(cfg.train.tracker_names)  # a missing tracker package is named before the run directory exists
@@ -357,6 +380,9 @@ def train_run(cfg: RunConfig, *, resume: bool = False, force: bool = False, cons
             return json.loads((run_dir / SUMMARY_FILE).read_text())
         check_run_dir(run_dir, resume, force, staged=bool(stages))
         run_id = (read_run_id(run_dir) if resume else None) or uuid.uuid4().hex
+        if cfg.teacher is not None and cfg.teacher.checkpoint is not None and methods.get(
+                cfg.method.name).requires_teacher:
+            teacher_weights_path(cfg)  # a missing teacher is named before any data is read or downloaded
         data = load_splits(cfg.data)
         trainer = None
         if stages:
@@ -442,6 +468,7 @@ def _trainer(cfg: RunConfig, data: DataSplits, run_id: str, console: Console,
                       run_config=resolved_config(cfg))
     if resume:
         trainer.restore(cfg.run_dir / CHECKPOINT_FILE)  # a bad checkpoint is refused before anything is written
+    trainer.evaluate_teacher()  # and a teacher at chance (a new run's only)
     return cfg, trainer
 
 

@@ -99,6 +99,7 @@ def plot_accuracy(results: dict[str, Any], out: Path) -> Path:
     ax.grid(axis="x", alpha=0.3)
     if panels == 2:
         _plot_paired(axes[0][1], y, labels, diffs, ref)
+        axes[0][1].set_ylim(ax.get_ylim())  # each run's row at the same height in both panels
     return _save(fig, out)
 
 
@@ -123,7 +124,7 @@ def _plot_paired(ax, y: np.ndarray, labels: list[str], diffs: dict[str, Any], re
         d = diffs[k]
         if d is None:
             ax.text(0, yi, "reference" if k == ref else "no common seeds", va="center", ha="center",
-                    fontsize="small")
+                    fontsize="small", bbox={"facecolor": "white", "edgecolor": "none"})  # over the zero line
             continue
         colour = VERDICT_COLOURS[verdict(d)]
         if d["ci_low"] is not None:
@@ -137,6 +138,72 @@ def _plot_paired(ax, y: np.ndarray, labels: list[str], diffs: dict[str, Any], re
     ax.set_xlabel(f"test accuracy minus {ref}'s, same seed (points); mean and 95 % CI")
     ax.set_title(f"paired by seed against {ref}: green better, red worse, grey tie")
     ax.grid(axis="x", alpha=0.3)
+
+
+def evaluated(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """The epochs at which `key` was measured, as the records number them (with `train.eval_every: 5` over 12
+    epochs: 5, 10, 12), and its values there."""
+    pairs = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+    return [epoch for epoch, _ in pairs], [value for _, value in pairs]
+
+
+def mean_curve(runs: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Epochs at which every run measured `key`, and its mean over the runs there (empty arrays without runs)."""
+    measured = [dict(zip(*evaluated(records, key), strict=True)) for records in runs]
+    common = sorted(set.intersection(*(set(m) for m in measured))) if measured else []
+    return (np.array(common, dtype=int),
+            np.array([np.mean([m[epoch] for m in measured]) for epoch in common], dtype=float))
+
+
+def plateau_curves(results: dict[str, Any], runs_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """label -> (epochs, validation accuracy, mean over seeds) of a plateau suite, read from `runs_dir`, a suite's
+    output directory or its records (`<label>_s<seed>/metrics.jsonl`); labels with no seed there are left out."""
+    curves = {}
+    for label, row in results["runs"].items():
+        runs = [r for r in (read_metrics(Path(runs_dir) / f"{label}_s{seed}") for seed in row["seeds"]) if r]
+        epochs, values = mean_curve(runs, "val_acc")
+        if epochs.size:
+            curves[label] = (epochs, values)
+    return curves
+
+
+def plot_plateau(results: dict[str, Any], curves: dict[str, tuple[np.ndarray, np.ndarray]], out: Path) -> Path:
+    """Last-epoch validation (and test) accuracy of every seed against the epoch budget of each entry (each its own
+    cosine schedule); beside it, when `curves` (plateau_curves) has any, each budget's validation accuracy at the
+    epochs where it was evaluated."""
+    budgets = sorted(results["runs"].items(), key=lambda item: item[1]["epochs"])
+    longest = float(np.mean(budgets[-1][1]["per_seed_val_acc"]))
+    panels = 2 if curves else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), constrained_layout=True, squeeze=False)
+    left = axes[0][0]
+    xs = [row["epochs"] for _, row in budgets]
+    for epochs, (_, row) in zip(xs, budgets, strict=True):
+        left.plot([epochs] * len(row["per_seed_val_acc"]), row["per_seed_val_acc"], "o", color="tab:blue", alpha=0.5)
+        left.plot([epochs] * len(row["per_seed_test_acc"]), row["per_seed_test_acc"], "x", color="tab:orange",
+                  alpha=0.5)
+    left.plot(xs, [np.mean(row["per_seed_val_acc"]) for _, row in budgets], "-", color="tab:blue",
+              label="validation (mean; dots: seeds)")
+    left.plot(xs, [row["test_acc"]["mean"] for _, row in budgets], "--", color="tab:orange", label="test (mean)")
+    left.axhspan(longest - 0.5, longest, color="tab:green", alpha=0.15, label="within 0.5 of the longest")
+    left.set_xscale("log", base=2)
+    left.set_xticks(xs, [str(x) for x in xs])
+    left.minorticks_off()
+    left.set_xlabel("epochs (each its own cosine schedule)")
+    left.set_ylabel("last-epoch top-1 %")
+    left.set_title(f"{results['suite']}: accuracy against the budget")
+    left.legend(fontsize="small")
+    left.grid(alpha=0.3)
+    if curves:
+        right = axes[0][1]
+        for label, (epochs, values) in curves.items():
+            right.plot(epochs, values, marker="o", markersize=3, label=label)
+        right.set_xlabel("epoch (where evaluated)")
+        right.set_ylabel("validation top-1 % (mean over seeds)")
+        right.set_ylim(longest - 6, longest + 1.5)
+        right.set_title("validation accuracy of each budget over its epochs")
+        right.legend(fontsize="small")
+        right.grid(alpha=0.3)
+    return _save(fig, out)
 
 
 PNG_SOFTWARE = "distillab"  # the PNG's Software text: marks a figure distillab may replace

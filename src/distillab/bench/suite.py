@@ -43,9 +43,10 @@ from rich.console import Console
 from rich.table import Table
 
 from distillab.bench.plots import curves_of, plot_accuracy, plot_curves
-from distillab.bench.stats import paired_difference, summary, verdict
+from distillab.bench.stats import FAMILY_ALPHA, holm_verdicts, paired_difference, summary, verdict
 from distillab.config import RunConfig, StrictModel, format_validation_error
 from distillab.config_files import load_config, read_text, safe_yaml
+from distillab.console import make_console
 from distillab.engine.checkpoint import CHECKPOINT_FILE, write_text_atomic
 from distillab.engine.lock import RunLock, RunLockedError
 from distillab.engine.run_files import METRICS_FILE, SUMMARY_FILE
@@ -236,7 +237,7 @@ def tune_suite(suite: Suite, labels: list[str] | None = None, console: Console |
     """Run each grid of `suite.tune` (only those of `labels`, when given) on its tuning seeds and pick, per label,
     the setting with the best mean validation accuracy (the first of equals); returns label -> overrides, and
     writes <name>_tuning.{json,md}. Only finished tuning runs count: a grid with unfinished runs picks nothing."""
-    console = console or Console()
+    console = console or make_console()
     if suite.tune is None:
         return {}
     grids = suite.tune.grids
@@ -273,7 +274,7 @@ def run_suite(suite: Suite, seeds: int, console: Console | None = None, only: li
               train: bool = True) -> dict[str, Any]:
     """Tune, then train every (entry, seed) not finished yet (only the `only` labels, when given), then write
     and return the aggregate of every finished run. `train=False` only aggregates."""
-    console = console or Console()
+    console = console or make_console()
     for label in only or []:
         if label not in suite.runs:
             raise ConfigError(f"--only: {label!r} is not a label of {suite.name} ({', '.join(suite.runs)})")
@@ -304,7 +305,8 @@ def run_suite(suite: Suite, seeds: int, console: Console | None = None, only: li
 
 def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]], tuned: dict[str, list[str]],
               seeds: int) -> dict[str, Any]:
-    """Per label: mean, std and per-seed accuracies, and the per-seed difference to the reference."""
+    """Per label: mean, std and per-seed accuracies, and the per-seed difference to the reference with its
+    p-value and Holm verdict (over every comparison of the table)."""
     test = {label: {seed: s["test_acc"] for (lab, seed), s in summaries.items() if lab == label}
             for label in suite.runs}
     reference = test.get(suite.reference, {}) if suite.reference else {}
@@ -334,11 +336,18 @@ def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]], tu
             "teacher_sha256": runs[0].get("teacher_sha256"),
             "student": runs[0]["student"],
         }
+    diffs = {label: row["vs_reference"] for label, row in rows.items() if label != suite.reference}
+    for label, holm_verdict in holm_verdicts(diffs).items():
+        rows[label]["holm"] = holm_verdict
+    if suite.reference in rows:
+        rows[suite.reference]["holm"] = None
+    comparisons = sum(1 for d in diffs.values() if d is not None and d["p_value"] is not None)
     first = next(iter(summaries.values()))
     devices = Counter(_machine(s["environment"]) for s in summaries.values())
     return {"suite": suite.name, "dataset": first["dataset"],
             "environment": {**first["environment"], "devices": dict(devices.most_common())},
             "seeds_requested": seeds, "reference": suite.reference,
+            "holm": {"alpha": FAMILY_ALPHA, "comparisons": comparisons} if suite.reference else None,
             "budget": str(suite.budget) if suite.budget else None, "runs": rows,
             "not_run": [label for label in suite.runs if label not in rows]}
 
@@ -367,15 +376,31 @@ def _verdict_cell(label: str, row: dict[str, Any], reference: str) -> str:
     return row["verdict"] or f"{reference} not run yet"
 
 
+def _fmt_p(diff: dict[str, Any] | None) -> str:
+    p = None if diff is None else diff.get("p_value")
+    return "-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _paired_cells(label: str, row: dict[str, Any], reference: str) -> list[str]:
+    """The difference to the reference [95 % CI], its verdict, the paired t-test's p-value and Holm's verdict."""
+    if label == reference or row["vs_reference"] is None:
+        holm = _verdict_cell(label, row, reference)
+    else:
+        holm = row.get("holm") or "-"
+    return [_fmt_diff(row["vs_reference"]), _verdict_cell(label, row, reference), _fmt_p(row["vs_reference"]), holm]
+
+
 def results_table(results: dict[str, Any]) -> Table:
     ref = results["reference"]
     table = Table(title=f"{results['suite']}: last-epoch accuracy, mean ± std over seeds"
-                  + (f"; vs {ref} paired by seed, 95 % CI" if ref else ""))
-    columns = ["run", "student", "seeds", "test top-1 %", *([f"- {ref}", "verdict"] if ref else []), "val top-1 %"]
+                  + (f"; vs {ref} paired by seed, 95 % CI; Holm over the table at family-wise "
+                     f"{FAMILY_ALPHA:g}" if ref else ""))
+    columns = ["run", "student", "seeds", "test top-1 %", *([f"- {ref}", "verdict", "p", "Holm"] if ref else []),
+               "val top-1 %"]
     for col in columns:
-        table.add_column(col, justify="left" if col in ("run", "student", "verdict") else "right")
+        table.add_column(col, justify="left" if col in ("run", "student", "verdict", "Holm") else "right")
     for label, r in results["runs"].items():
-        paired = [_fmt_diff(r["vs_reference"]), _verdict_cell(label, r, ref)] if ref else []
+        paired = _paired_cells(label, r, ref) if ref else []
         table.add_row(label, r["student"], str(len(r["seeds"])), _fmt(r["test_acc"]), *paired, _fmt(r["val_acc"]))
     return table
 
@@ -404,9 +429,13 @@ def write_results(suite: Suite, results: dict[str, Any], run_dirs: dict[str, lis
         + ", ".join(f"{device} ({count} runs)" for device, count in env["devices"].items()) + ".",
     ]
     if ref:
+        holm = results.get("holm") or {"alpha": FAMILY_ALPHA, "comparisons": 0}
         lines += ["", f"`- {ref}`: the per-seed difference to `{ref}` (same seeds), its mean and 95 % confidence "
                       "interval (t distribution, n-1 degrees of freedom); `better`/`worse` only when the interval "
-                      "excludes 0, else `tie`."
+                      "excludes 0, else `tie`. Each interval holds for its own comparison; `p` is the paired "
+                      f"t-test's two-sided p-value and `Holm` the verdict once the {holm['comparisons']} comparisons "
+                      f"of the table are corrected together (Holm-Bonferroni, family-wise error {holm['alpha']:g}): "
+                      "`better`/`worse` only where Holm rejects a zero difference."
                   + (" The runs come from more than one machine, and a seed follows a different trajectory on "
                      "each (docs/benchmarks.md, Reproducibility): a pair then shares its settings, not its random "
                      "path." if len(env["devices"]) > 1 else "")]
@@ -416,12 +445,13 @@ def write_results(suite: Suite, results: dict[str, Any], run_dirs: dict[str, lis
                       ", ".join(f"{k} has {len(results['runs'][k]['seeds'])}" for k in short),
                       ("not run yet: " + ", ".join(results["not_run"])) if results["not_run"] else ""]))
                   + "."]
-    head = ["run", "teacher -> student", "seeds", "test top-1 %", *([f"- {ref} [95 % CI]", "verdict"] if ref else []),
+    head = ["run", "teacher -> student", "seeds", "test top-1 %",
+            *([f"- {ref} [95 % CI]", "verdict", "p", "Holm"] if ref else []),
             "val top-1 %", "best-epoch test %", "test % per seed", "img/s"]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for label, r in results["runs"].items():
         pair = f"{r['teacher']} -> {r['student']}" if r["teacher"] else r["student"]
-        paired = [_fmt_diff(r["vs_reference"]), _verdict_cell(label, r, ref)] if ref else []
+        paired = _paired_cells(label, r, ref) if ref else []
         cells = [label, pair, str(len(r["seeds"])), _fmt(r["test_acc"]), *paired, _fmt(r["val_acc"]),
                  _fmt(r["best_epoch_test_acc"]), " ".join(f"{a:.2f}" for a in r["per_seed_test_acc"]),
                  f"{r['images_per_s']:,.0f}"]

@@ -39,6 +39,7 @@ from distillab.config import (
     TrainConfig,
     format_validation_error,
 )
+from distillab.console import make_console
 from distillab.data import DataSplits
 from distillab.data.batch import Batch
 from distillab.data.splits import synthetic
@@ -83,8 +84,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 
 def measure(spec: ThroughputSpec, console: Console | None = None) -> dict[str, Any]:
-    """Images/s (median over repeats) and peak memory of every method and of the bound's two parts."""
-    console = console or Console()
+    """Images/s (median over repeats) and peak memory of every method and of the bound's two parts; a line each
+    on `console` as it is measured (`[k/N] method` for the methods)."""
+    console = console or make_console()
     unknown = [m for m in spec.methods if m not in methods.available()]
     if unknown:
         raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown)}; "
@@ -116,8 +118,9 @@ def measure(spec: ThroughputSpec, console: Console | None = None) -> dict[str, A
         return parts
 
     before = bound()
-    rows = {name: _timed(console, name, lambda name=name: _method_rate(spec, name, data, cfg), spec.repeats)
-            for name in spec.methods}
+    rows = {name: _timed(console, f"[{k}/{len(spec.methods)}] {name}",
+                         lambda name=name: _method_rate(spec, name, data, cfg), spec.repeats)
+            for k, name in enumerate(spec.methods, 1)}
     after = bound()
     bound_rate = (before["images_per_s"] + after["images_per_s"]) / 2
     for row in rows.values():
@@ -137,6 +140,7 @@ def measure(spec: ThroughputSpec, console: Console | None = None) -> dict[str, A
 def _timed(console: Console, label: str, rate: Callable[[], dict[str, Any]], repeats: int) -> dict[str, Any]:
     with console.status(f"measuring {label}"):
         results = [rate() for _ in range(repeats)]
+    console.print(f"{label}: {statistics.median(r['images_per_s'] for r in results):,.1f} img/s")
     cache = {k: statistics.median(r[k] for r in results) for k in ("cache_build_s", "cache_mib") if k in results[0]}
     return {**cache, "images_per_s": statistics.median(r["images_per_s"] for r in results),
             "all_images_per_s": [r["images_per_s"] for r in results],

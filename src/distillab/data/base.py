@@ -46,11 +46,13 @@ class ImageDataset:
 
 @dataclass
 class DataSplits:
-    """What a run trains and evaluates on. `val` is None when no validation split is held out."""
+    """What a run trains and evaluates on. `val` is None when no validation split is held out. `random_labels`:
+    the labels are drawn at random (synthetic data), so no model can beat chance on them."""
 
     train: ImageDataset
     val: ImageDataset | None
     test: ImageDataset
+    random_labels: bool = False
 
     @property
     def num_classes(self) -> int:

@@ -21,7 +21,8 @@ def synthetic(cfg: SyntheticConfig, seed: int) -> DataSplits:
         labels = torch.randint(0, cfg.num_classes, (n,), generator=g)
         return ImageDataset(images, labels, cfg.num_classes, (0.5,) * c, (0.29,) * c, name)
 
-    return DataSplits(make(cfg.train_size, "synthetic/train"), None, make(cfg.test_size, "synthetic/test"))
+    return DataSplits(make(cfg.train_size, "synthetic/train"), None, make(cfg.test_size, "synthetic/test"),
+                      random_labels=True)
 
 
 register("synthetic")(lambda cfg: synthetic(cfg.synthetic, cfg.split_seed))
@@ -75,4 +76,4 @@ def load_splits(cfg: DataConfig) -> DataSplits:
             raise ConfigError(f"data.test_subset={cfg.test_subset} exceeds the {len(test)} test images of "
                               f"{cfg.name}")
         test = test.subset(torch.arange(cfg.test_subset), test.name)
-    return DataSplits(train, val, test)
+    return DataSplits(train, val, test, random_labels=full.random_labels)

@@ -42,6 +42,7 @@ from distillab.engine.checkpoint import (
     write_text_atomic,
 )
 from distillab.engine.distributed import World, all_reduce_sum
+from distillab.engine.eta import RunClock, format_duration
 from distillab.engine.run_files import METRICS_FILE, STEPS_FILE, SUMMARY_FILE, read_metrics
 from distillab.engine.teacher_cache import (
     DTYPES,
@@ -216,15 +217,26 @@ class Tracking(Callback):
 
 
 class EpochLine(Callback):
-    """One line per epoch on the console: loss terms, accuracies, learning rate, speed."""
+    """One line per epoch on the console: loss terms, accuracies, learning rate, speed, and the time the run has
+    left (`eta`, from the epochs timed so far: engine/eta.py). Its `clock` serves the mid-epoch progress too."""
+
+    def __init__(self) -> None:
+        self.clock = RunClock(1)
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.clock = RunClock(trainer.cfg.epochs, trainer.cfg.eval_every)
+        self.clock.start()
 
     def on_epoch_end(self, trainer: Trainer, r: dict[str, Any]) -> None:
+        self.clock.epoch_done(r)
         terms = " ".join(f"{k[5:]} {v:.3f}" for k, v in r.items() if k.startswith("loss_"))
         val = f" val {r['val_acc']:.2f}%" if "val_acc" in r else ""
         test = f" test {r['test_acc']:.2f}%" if "test_acc" in r else ""
+        left = self.clock.left(r["epoch"])
+        eta = f" eta {format_duration(left)}" if left is not None and r["epoch"] < trainer.cfg.epochs else ""
         trainer.console.print(f"epoch {r['epoch']}/{trainer.cfg.epochs} loss {r['loss']:.3f} ({terms}) "
                               f"train {r['train_acc']:.2f}%{val}{test} "
-                              f"lr {r['lr']:.3g} {r['images_per_s']:,.0f} img/s")
+                              f"lr {r['lr']:.3g} {r['images_per_s']:,.0f} img/s{eta}")
 
 
 class RunFiles(Callback):

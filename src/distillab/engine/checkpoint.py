@@ -223,6 +223,16 @@ def check_training_state(state: Mapping[str, Any], path: Path) -> None:
         refuse("config", "does not match its fingerprint config_sha256")
 
 
+def _numpy_scalar_globals() -> list[Any]:
+    """What unpickling a numpy scalar needs (published teacher checkpoints store their accuracy as one): the
+    scalar reconstructor under its numpy 1 and 2 names, and the dtypes of plain numbers. No code runs but numpy's."""
+    import numpy as np
+
+    scalar = np.float64(0).__reduce__()[0]
+    dtypes = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")]
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *dtypes]
+
+
 def _torch_load(path: Path) -> Any:
     """torch.load with weights_only=True, without torch's warnings about what it refuses (the error says it)."""
     with warnings.catch_warnings():
@@ -278,7 +288,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path}: unreadable safetensors file: {first_line(exc)}") from None
     check_archive_sizes(path)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace, *_numpy_scalar_globals()]):
             obj = _torch_load(path)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"{path}: holds objects other than tensors, which weights_only=True refuses to "
@@ -313,8 +323,12 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], where:
             raise CheckpointError(f"{where}: missing key {key!r} (does the architecture match "
                                   f"{type(model).__name__}?)")
         if tuple(state[key].shape) != tuple(value.shape):
+            others = [k for k, v in expected.items()
+                      if k != key and k in state and tuple(state[k].shape) != tuple(v.shape)]
+            also = "".join(f"; also {k!r}: file has {tuple(state[k].shape)}, model expects {tuple(expected[k].shape)}"
+                           for k in others[:2]) + (f"; and {len(others) - 2} more" if len(others) > 2 else "")
             raise CheckpointError(f"{where}: shape mismatch at {key!r}: file has {tuple(state[key].shape)}, "
-                                  f"model expects {tuple(value.shape)}")
+                                  f"model expects {tuple(value.shape)}{also}")
         if value.is_floating_point() and not state[key].is_floating_point():
             raise CheckpointError(f"{where}: {key!r} is {state[key].dtype} in the file; the model's is "
                                   f"{value.dtype} (weights must be floating point)")

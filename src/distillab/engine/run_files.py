@@ -8,6 +8,7 @@ from typing import Any
 
 from rich.console import Console
 
+from distillab.console import make_console
 from distillab.errors import DistillabError
 
 METRICS_FILE = "metrics.jsonl"
@@ -29,7 +30,7 @@ def read_metrics(run_dir: Path, console: Console | None = None) -> list[dict[str
         except json.JSONDecodeError:
             if i < len(lines):
                 raise DistillabError(f"{path}: line {i} is not a JSON record (the file is damaged)") from None
-            (console or Console(stderr=True)).print(f"warning: {path}: skipped a torn last line (a run stopped "
+            (console or make_console(stderr=True)).print(f"warning: {path}: skipped a torn last line (a run stopped "
                                                     "mid-write)")
             continue
         epoch = record.get("epoch") if isinstance(record, dict) else None

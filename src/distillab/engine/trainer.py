@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import platform
 import time
 import uuid
@@ -18,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 import distillab
 from distillab.config import AugmentConfig, TrainConfig
+from distillab.console import make_console
 from distillab.data import DataSplits, DeviceLoader
 from distillab.data.batch import Batch
 from distillab.data.loader import derive_seed
@@ -36,6 +38,7 @@ from distillab.engine.checkpoint import CHECKPOINT_FILE
 from distillab.engine.device import autocast_dtype, data_parallel, device_name, resolve_device
 from distillab.engine.distributed import World, all_reduce_sum, barrier, current_world, local_device
 from distillab.engine.epoch_meter import EpochMeter, NonFiniteLossError
+from distillab.engine.eta import format_duration
 from distillab.engine.evaluate import eval_loader, evaluate_sums
 from distillab.engine.run_files import SUMMARY_FILE
 from distillab.engine.schedule import learning_rate
@@ -47,7 +50,8 @@ from distillab.errors import DistillabError
 from distillab.methods import capabilities
 from distillab.methods.base import Method
 
-__all__ = ["CIFAR_AUGMENT", "NonFiniteLossError", "Trainer", "TrainingStopped", "check_batch", "check_setup"]
+__all__ = ["CIFAR_AUGMENT", "NonFiniteLossError", "TeacherAtChance", "Trainer", "TrainingStopped", "check_batch",
+           "check_setup"]
 
 CIFAR_AUGMENT = AugmentConfig(crop_padding=4, flip=True)
 
@@ -84,6 +88,31 @@ def check_setup(method: Method, data: DataSplits, cfg: TrainConfig, world: World
     return local_batch
 
 
+CHANCE_SIGMAS = 3.0  # how many binomial standard errors above chance a teacher must be
+
+
+class TeacherAtChance(DistillabError):
+    """A teacher loaded from weights scores no better than guessing on the run's data."""
+
+
+def chance_threshold(num_classes: int, images: int, sigmas: float = CHANCE_SIGMAS) -> float:
+    """The accuracy (%) a classifier must exceed not to count as guessing: chance, 100/num_classes, plus `sigmas`
+    binomial standard errors sqrt(p (1 - p) / images) of a split of `images` images (p = 1/num_classes)."""
+    p = 1.0 / num_classes
+    return 100.0 * (p + sigmas * math.sqrt(p * (1.0 - p) / images))
+
+
+def check_above_chance(acc: float, images: int, num_classes: int, split: str, what: str = "the teacher") -> None:
+    """Refuse (TeacherAtChance) an accuracy `acc` (%) on `images` images that is not above `chance_threshold`."""
+    needed = chance_threshold(num_classes, images)
+    if acc <= needed:
+        raise TeacherAtChance(
+            f"{what} scores {acc:.2f} % on the {images:,} {split} images, which is at chance: not above "
+            f"100/{num_classes} = {100 / num_classes:.2f} % by {CHANCE_SIGMAS:g} binomial standard errors (more "
+            f"than {needed:.2f} % needed). It would teach nothing: are its weights trained on this dataset, with the "
+            "same classes, and is teacher.name its architecture?")
+
+
 def cacheable(method: Method, cfg: TrainConfig) -> bool:
     """Whether the teacher's outputs may stand in for it (where every epoch shows the same images or views)."""
     return (cfg.cache_teacher and method.caches_teacher and method.teacher is not None
@@ -113,7 +142,7 @@ class Trainer:
         self.run_config = dict(run_config or {"train": self.cfg.model_dump(mode="json")})  # what trackers record
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.info = dict(info or {})
-        self.console = console or Console()
+        self.console = console or make_console()
         self.world: World = current_world()
         self.device = local_device(resolve_device(self.cfg.device), self.world)
         self.amp_dtype = autocast_dtype(self.cfg.amp, self.device)
@@ -232,8 +261,7 @@ class Trainer:
         if self.restored and self.start_epoch >= self.cfg.epochs and not self.start_step and done and done.is_file():
             self.console.print(f"{self.run_dir} has already finished its {self.cfg.epochs} epochs: nothing to do")
             return json.loads(done.read_text())  # a finished run resumed with no new epochs changes nothing
-        if self.start_epoch == 0 and self.method.teacher is not None and "teacher_test_acc" not in self.info:
-            self.info["teacher_test_acc"] = self._eval(self.method.teacher, "test")["acc"]
+        self.evaluate_teacher()
         self._first_epoch = self.start_epoch  # the epoch in which this process compiles (train.compile)
         started = time.perf_counter()
         try:
@@ -251,6 +279,24 @@ class Trainer:
         self._call("on_fit_end", summary)
         barrier(self.world)
         return summary
+
+    def evaluate_teacher(self) -> None:
+        """The frozen teacher's accuracy before the first epoch, once per run (`train_run` calls it before anything
+        is written; `fit` otherwise): `teacher_test_acc`, and `teacher_val_acc` where a validation split is held out.
+        A teacher whose weights were loaded (the info records their SHA-256 or source) is refused when it is at
+        chance on the validation split (the test split without one): see `check_above_chance`."""
+        teacher = self.method.teacher
+        if self.start_epoch or teacher is None or "teacher_test_acc" in self.info:
+            return
+        results = {split: self._eval(teacher, split) for split in ("test", "val") if split in self.eval_loaders}
+        for split, result in results.items():
+            self.info[f"teacher_{split}_acc"] = result["acc"]
+        loaded = "teacher_sha256" in self.info or "teacher_weights" in self.info
+        if loaded and not self.data.random_labels:  # random labels: nothing is above chance, nor need it be
+            split = "val" if "val" in results else "test"
+            where = (self.run_config.get("teacher") or {}).get("checkpoint") or self.info.get("teacher_weights")
+            check_above_chance(results[split]["acc"], int(results[split]["n"]), self.data.num_classes, split,
+                               f"teacher {self.info.get('teacher', '')} ({where})")
 
     def _call(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -321,20 +367,27 @@ class Trainer:
     def _eval(self, model: torch.nn.Module, split: str) -> dict[str, float]:
         correct, loss, n = all_reduce_sum(evaluate_sums(model, self.eval_loaders[split], self.amp_dtype),
                                           self.world).tolist()
-        return {"acc": 100.0 * correct / n, "loss": loss / n}
+        return {"acc": 100.0 * correct / n, "loss": loss / n, "n": n}
 
     # -- reporting ----------------------------------------------------------------------------
     @contextlib.contextmanager
     def _progress(self, epoch: int, steps: int, first: int):
-        """A progress bar for the epoch; yields `show(done, means, images_per_s)`."""
+        """A progress bar for the epoch, with the time the epoch and (`run eta`) the run have left; yields
+        `show(done, means, images_per_s)`."""
+        clock = next((c.clock for c in self.callbacks if isinstance(c, EpochLine)), None)
+        started = time.perf_counter()
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[terms]}"), TimeRemainingColumn(),
+                      TextColumn("{task.fields[terms]}"), TimeRemainingColumn(), TextColumn("{task.fields[eta]}"),
                       console=self.console, transient=True, disable=not self.cfg.progress) as progress:
-            task = progress.add_task(f"epoch {epoch + 1}/{self.cfg.epochs}", total=steps, completed=first, terms="")
+            task = progress.add_task(f"epoch {epoch + 1}/{self.cfg.epochs}", total=steps, completed=first, terms="",
+                                     eta="")
 
             def show(done: int, means: dict[str, float], rate: float) -> None:
+                pace = (time.perf_counter() - started) / max(1, done - first)  # seconds per step of this epoch
+                left = None if clock is None else clock.left_during(epoch, done / steps, pace * done)
                 progress.update(task, completed=done, terms=" ".join(f"{k} {v:.3f}" for k, v in means.items())
-                                + f"  {rate:,.0f} img/s")
+                                + f"  {rate:,.0f} img/s",
+                                eta="" if left is None else f"run eta {format_duration(left)}")
 
             yield show
 

@@ -14,25 +14,38 @@ dict or a tuple is wrapped so that it returns the logits; its modules then sit u
 get their roles from `output_hidden_states`: token features (B x N x C) become maps (B x C x H x W) with the
 class/register tokens dropped; the hidden states are grouped into stages by resolution (a plain ViT, one
 resolution, into up to four groups of equal depth). These packages are optional: a missing one is named.
+
+Weights an `hf:<directory>` holds load exactly into a teacher (`exact_weights`): a saved tensor whose shape does not
+fit the data (a head for other classes, a stem for other channels), or a missing or unexpected one, is an error
+naming them. A student's mismatched tensors are re-initialised, with a `ReinitialisedWeights` warning naming them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
+import json
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from distillab.errors import ConfigError
+from distillab.errors import CheckpointError, ConfigError, DistillabError, DistillabWarning
 from distillab.roles import FeatureInfo, StageInfo
 
 PREFIXES = ("hf", "timm", "torchvision", "module")
+PACKAGES = {"hf": "transformers", "timm": "timm", "torchvision": "torchvision"}  # the package each prefix needs
 MAX_TOKEN_STAGES = 4
+LISTED = 3  # tensors named in full by a weights report; more are counted
+
+
+class ReinitialisedWeights(DistillabWarning):
+    """Saved tensors of a student's `hf:` directory that did not fit the model were re-initialised."""
 
 
 def is_outside(name: str) -> bool:
@@ -41,24 +54,74 @@ def is_outside(name: str) -> bool:
 
 
 def build(name: str, num_classes: int, in_channels: int, input_size: tuple[int, int, int] | None,
-          **kwargs: Any) -> nn.Module:
+          exact_weights: bool = False, **kwargs: Any) -> nn.Module:
     """The outside model `name` (see the module docstring), returning logits, with `feature_info` where known.
     Whatever the model's own code raises, and a model without parameters or without `num_classes` logits, is a
-    ConfigError naming it."""
+    ConfigError naming it. `exact_weights`: weights loaded at build (an `hf:` directory's) must fit exactly."""
     prefix, _, target = name.partition(":")
     if not target:
         raise ConfigError(f"model {name!r}: nothing after {prefix + ':'!r}")
     size = input_size or (in_channels, 32, 32)
+    return _guarded(name, size, num_classes,
+                    lambda: _build(prefix, target, name, num_classes, in_channels, size, kwargs, exact_weights))
+
+
+def build_hf_from_config(name: str, config: dict[str, Any], input_size: tuple[int, int, int]) -> nn.Module:
+    """The `hf:` model `name` rebuilt from its transformers config (`config.to_dict()`, as `card_entries` records
+    it), without the directory or kwargs it was first built from; its weights are the caller's to load."""
+    if not isinstance(config, dict) or not isinstance(config.get("id2label"), dict):
+        raise ConfigError(f"model {name!r}: its transformers config is not a config.json mapping with id2label")
+
+    def rebuild() -> nn.Module:
+        transformers = _optional("transformers", name)
+        model_type = config.get("model_type")
+        try:
+            config_class = type(transformers.AutoConfig.for_model(str(model_type)))
+        except ValueError:
+            raise ConfigError(f"model {name!r}: transformers {transformers.__version__} has no model type "
+                              f"{model_type!r}") from None
+        with _quiet_transformers():
+            model = transformers.AutoModelForImageClassification.from_config(config_class.from_dict(config))
+        return HFClassifier(model, input_size)
+
+    return _guarded(name, input_size, len(config["id2label"]), rebuild)
+
+
+def card_entries(name: str, model: nn.Module) -> dict[str, Any]:
+    """What an export card needs beyond `name` and kwargs to rebuild the outside model `model`: the version of the
+    package that built it (`packages`) and, for `hf:`, its transformers config (`hf_config`), so that no directory
+    is needed. Empty for a zoo name."""
+    prefix = name.partition(":")[0]
+    if not is_outside(name):
+        return {}
+    entries: dict[str, Any] = {}
+    package = PACKAGES.get(prefix)
+    if package is not None:
+        version = getattr(importlib.import_module(package), "__version__", None)
+        entries["packages"] = {package: str(version)}
+    hf = next((m for m in model.modules() if isinstance(m, HFClassifier)), None)
+    if prefix == "hf" and hf is not None:
+        entries["hf_config"] = json.loads(hf.model.config.to_json_string(use_diff=False))
+    return entries
+
+
+def _guarded(name: str, size: tuple[int, int, int], num_classes: int, make: Callable[[], nn.Module]) -> nn.Module:
+    """`make()`, checked to give `num_classes` logits; whatever code outside distillab raises is one line naming
+    the model."""
     try:
-        model = _build(prefix, target, name, num_classes, in_channels, size, kwargs)
+        model = make()
         check_logits(model, num_classes, size, name)
-    except ConfigError:
+    except DistillabError:
         raise
     except Exception as exc:  # code outside distillab: any failure is the model's
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ConfigError(f"model {name!r} failed to build or to run on a {'x'.join(map(str, size))} input: "
-                          f"{type(exc).__name__}: {first}") from None
+                          f"{type(exc).__name__}: {_clip(first)}") from None
     return model
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def check_logits(model: nn.Module, num_classes: int, size: tuple[int, int, int], name: str) -> None:
@@ -79,9 +142,9 @@ def check_logits(model: nn.Module, num_classes: int, size: tuple[int, int, int],
 
 
 def _build(prefix: str, target: str, name: str, num_classes: int, in_channels: int, size: tuple[int, int, int],
-           kwargs: dict[str, Any]) -> nn.Module:
+           kwargs: dict[str, Any], exact_weights: bool) -> nn.Module:
     if prefix == "hf":
-        return _build_hf(target, num_classes, in_channels, size, kwargs)
+        return _build_hf(target, num_classes, in_channels, size, kwargs, exact_weights)
     if prefix == "timm":
         timm = _optional("timm", name)
         model = timm.create_model(target, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)
@@ -105,33 +168,109 @@ def _optional(package: str, name: str):
 
 # -- Hugging Face ------------------------------------------------------------------------------------------------
 def _build_hf(target: str, num_classes: int, in_channels: int, size: tuple[int, int, int],
-              kwargs: dict[str, Any]) -> nn.Module:
-    transformers = _optional("transformers", f"hf:{target}")
+              kwargs: dict[str, Any], exact_weights: bool) -> nn.Module:
+    name = f"hf:{target}"
+    transformers = _optional("transformers", name)
     auto = transformers.AutoModelForImageClassification
     directory = Path(target)
     fields = {"num_labels": num_classes, "num_channels": in_channels, **kwargs}
     if directory.is_dir():
         if not (directory / "config.json").is_file():
-            raise ConfigError(f"model hf:{target}: the directory holds no config.json")
+            raise ConfigError(f"model {name}: the directory holds no config.json")
         weights = any(directory.glob("*.safetensors")) or any(directory.glob("pytorch_model*.bin"))
-        config = transformers.AutoConfig.from_pretrained(directory, **fields)
+        with _quiet_transformers():
+            config = transformers.AutoConfig.from_pretrained(directory, **fields)
         _default_image_size(config, kwargs, size)
-        model = (auto.from_pretrained(directory, config=config, ignore_mismatched_sizes=True) if weights
+        model = (_load_hf_weights(auto, directory, config, name, exact_weights) if weights
                  else auto.from_config(config))
         adapted = HFClassifier(model, size)
         adapted.weights_source = directory if weights else None
         return adapted
     try:
         config = transformers.AutoConfig.for_model(target, **fields)
-    except ValueError as exc:
-        raise ConfigError(f"model hf:{target}: {target!r} is neither a directory nor a transformers model type "
-                          f"({str(exc).splitlines()[0]})") from None
+    except ValueError:
+        raise ConfigError(f"model {name}: {target!r} is neither a directory nor a transformers model type (no "
+                          f"directory at {directory.absolute()}; model types are such as vit, resnet, convnext)"
+                          ) from None
     _default_image_size(config, kwargs, size)
     try:
         model = auto.from_config(config)
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"model hf:{target}: transformers has no image classifier for it ({exc})") from None
+        raise ConfigError(f"model {name}: transformers has no image classifier for it "
+                          f"({_clip(str(exc).strip())})") from None
     return HFClassifier(model, size)
+
+
+def _load_hf_weights(auto, directory: Path, config, name: str, exact: bool) -> nn.Module:
+    """The model of `config` with the weights saved in `directory`. With `exact` (a teacher), any saved tensor
+    that does not fit (or is missing, or is not the model's) is an error naming it; otherwise those of the wrong
+    shape and the missing ones keep their fresh init, with a warning naming them."""
+    with _quiet_transformers():
+        model, info = auto.from_pretrained(directory, config=config, ignore_mismatched_sizes=True,
+                                           output_loading_info=True)
+    mismatched = sorted((str(k), tuple(saved), tuple(expected))
+                        for k, saved, expected in info.get("mismatched_keys") or ())
+    missing = sorted(map(str, info.get("missing_keys") or ()))
+    unexpected = sorted(map(str, info.get("unexpected_keys") or ()))
+    if not (mismatched or missing or unexpected):
+        return model
+    problems = []
+    if mismatched:
+        problems.append(_listed([f"{k!r} saved {_shape(a)}, expected {_shape(b)}" for k, a, b in mismatched]))
+    if missing:
+        problems.append(f"missing from the file: {_listed([repr(k) for k in missing])}")
+    if unexpected:
+        problems.append(f"not in the model: {_listed([repr(k) for k in unexpected])}")
+    report = "; ".join(problems)
+    if exact:
+        raise CheckpointError(f"teacher {name}: its saved weights do not fit: {report}{_saved_for(directory, config)}"
+                              ": a teacher is loaded exactly, so it must have been trained on this data's classes "
+                              "and input channels (and with the architecture its config.json and kwargs give)")
+    reinitialised = [k for k, _, _ in mismatched] + missing
+    warnings.warn(f"student {name}: {len(reinitialised)} saved tensor(s) re-initialised, the rest loaded: "
+                  f"{report}{_saved_for(directory, config)}", ReinitialisedWeights, stacklevel=2)
+    return model
+
+
+def _saved_for(directory: Path, config) -> str:
+    """`(saved for 1000 classes, 3 channels; the data has 10, 1)` where config.json's differ from `config`'s."""
+    try:
+        saved = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    labels = len(saved["id2label"]) if isinstance(saved.get("id2label"), dict) else saved.get("num_labels")
+    pairs = [(labels, config.num_labels, "classes"),
+             (saved.get("num_channels"), getattr(config, "num_channels", None), "channels")]
+    differ = [(a, b, what) for a, b, what in pairs if a is not None and b is not None and a != b]
+    if not differ:
+        return ""
+    return (f" (saved for {' and '.join(f'{a} {what}' for a, _, what in differ)}, where the data has "
+            f"{' and '.join(str(b) for _, b, _ in differ)})")
+
+
+def _listed(items: list[str]) -> str:
+    more = len(items) - LISTED
+    return ", ".join(items[:LISTED]) + (f" and {more} more" if more > 0 else "")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' own loading report and progress bars off: what matters is reported here, in one line."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _default_image_size(config, kwargs: dict[str, Any], size: tuple[int, int, int]) -> None:
@@ -148,6 +287,7 @@ class HFClassifier(nn.Module):
     """
 
     weights_source: Path | None = None  # a directory whose weights were loaded at build
+    own_layout_hint = "a transformers save_pretrained directory loads as the model name hf:<directory>"
 
     def __init__(self, model: nn.Module, input_size: tuple[int, int, int]) -> None:
         super().__init__()

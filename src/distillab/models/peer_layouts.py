@@ -110,9 +110,17 @@ PEERS = "RepDistiller/mdistiller"
 
 def to_zoo_layout(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
     """`state` in `model`'s key layout: as it is when it already is (or only lacks DataParallel's `module.`
-    prefix), else renamed by the model family's rules. A key no rule takes is an error naming it."""
+    prefix, or, for an outside model, the `model.` of the wrapper it sits in), else renamed by the model family's
+    rules. A key no rule takes is an error naming it."""
     expected = set(model.state_dict())
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if set(state) - expected and hasattr(model, "model") and not any(k.startswith("model.") for k in state):
+        hint = getattr(model, "own_layout_hint", None)  # transformers renames keys as it loads: its files do not fit
+        if {f"model.{k}" for k in state} <= expected:
+            state = {f"model.{k}": v for k, v in state.items()}  # an outside model's own file, without our wrapper
+        elif hint:
+            raise CheckpointError(f"{where}: its keys ({next(iter(state))!r}, ...) are neither distillab's nor the "
+                                  f"wrapped {type(model.model).__name__}'s: {hint}")
     if not set(state) - expected:
         return state
     family = type(model).__name__

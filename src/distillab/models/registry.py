@@ -27,13 +27,14 @@ def available() -> list[str]:
 
 
 def build(name: str, num_classes: int = 100, in_channels: int = 3, *,
-          input_size: tuple[int, int, int] | None = None, **kwargs) -> nn.Module:
+          input_size: tuple[int, int, int] | None = None, exact_weights: bool = False, **kwargs) -> nn.Module:
     """Instantiate the zoo model `name` (or an outside model, built and probed for `input_size`, default
-    in_channels x 32 x 32); unknown names get the closest valid suggestion."""
+    in_channels x 32 x 32); unknown names get the closest valid suggestion. `exact_weights` (a teacher's): weights
+    an outside model loads as it is built (an `hf:` directory's) must fit it exactly, or it is an error."""
     from distillab.models import outside
 
     if outside.is_outside(name):
-        return outside.build(name, num_classes, in_channels, input_size, **kwargs)
+        return outside.build(name, num_classes, in_channels, input_size, exact_weights, **kwargs)
     factory = MODELS.get(name)
     try:
         return factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
