@@ -18,7 +18,7 @@ from distillab.config_files import load_config
 from distillab.data.base import ImageDataset
 from distillab.data.loader import DeviceLoader
 from distillab.engine.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from distillab.errors import ConfigError
+from distillab.errors import ConfigError, MissingInputError
 from distillab.features import FeatureTap
 from distillab.losses import (
     at_loss,
@@ -255,7 +255,7 @@ def test_contrast_indices_are_the_sample_then_k_other_class_negatives():
 def test_crd_method_returns_the_configured_number_of_negatives(pair, batch):
     teacher, student = pair
     method = methods.build("crd", student, teacher, input_shape=(1, 28, 28), num_negatives=16)
-    with pytest.raises(RuntimeError, match="indices"):
+    with pytest.raises(MissingInputError, match="bind_train_set"):
         method(*batch)
     train_labels = torch.arange(60) % 10
     method.bind_train_set(train_labels)
