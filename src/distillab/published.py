@@ -162,8 +162,10 @@ def resolve(checkpoint: Path, role: str = "teacher") -> Path:
     if name is not None:
         entry = get(name)
         if not entry.available():
+            own = (f", or train your own with `distillab train {entry.trained_by}` and set {role}.checkpoint to "
+                   "its run directory") if entry.trained_by else ""
             raise CheckpointError(f"{role}.checkpoint {PREFIX}{name} has not been fetched yet: run `distillab "
-                                  f"teachers fetch {name}` (it downloads {entry.url})")
+                                  f"teachers fetch {name}` (it downloads {entry.url}){own}")
         return entry.path()
     path = Path(checkpoint).expanduser()
     if not path.exists() and not path.is_absolute() and path.parts[:1] == ("teachers",) and len(path.parts) > 1:
