@@ -301,3 +301,39 @@ def test_an_entry_budget_replaces_the_suites_and_shares_the_other_suites_runs(tm
     vit, cnn = (load_suite(Path(f"suites/fashion_mnist_{name}_converged.yaml")) for name in ("vit", "rdr"))
     for label in ("ce", "rdr_beta0"):
         assert dump_config(entry_config(vit, label, 0)) == dump_config(entry_config(cnn, label, 0)), label
+
+
+def test_a_row_is_also_paired_with_its_own_baseline_as_a_second_family():
+    """`baseline:` adds a second paired comparison per row (its recipe's control, or the method its paper claims to
+    beat), checked here by hand: differences, interval, and Holm over that family alone."""
+    from distillab.bench.suite import Suite, _baseline_cell, aggregate
+
+    suite = Suite.model_validate({"name": "own", "reference": "kd", "runs": {
+        "kd": {"config": "kd.yaml"}, "kd_ce1": {"config": "kd.yaml"},
+        "kr": {"config": "kr.yaml", "baseline": "kd_ce1"}, "rdr": {"config": "rdr.yaml", "baseline": "kd_ce1"}}})
+    acc = {"kd": [91.0, 91.2, 91.1], "kd_ce1": [91.5, 91.4, 91.9], "kr": [91.9, 91.7, 92.4], "rdr": [91.0, 92.4, 91.2]}
+    env = {"device": "cpu", "torch": "2", "threads": 1}
+    summaries = {(label, seed): {"seed": seed, "test_acc": a, "val_acc": a, "best_epoch_test_acc": a,
+                                 "images_per_s": 1.0, "wall_time_s": 1.0, "epochs": 1, "student": "resnet8",
+                                 "dataset": "d", "environment": env}
+                 for label, values in acc.items() for seed, a in enumerate(values)}
+    rows = aggregate(suite, summaries, {}, 3)["runs"]
+    kr = rows["kr"]["vs_baseline"]
+    d = [0.4, 0.3, 0.5]  # kr - kd_ce1 per seed
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t(0.975, 2) * std / sqrt(n); std of (0.4, 0.3, 0.5) is 0.1
+    assert kr["label"] == "kd_ce1" and kr["difference"]["per_seed"] == pytest.approx(d)
+    assert kr["difference"]["ci_low"] == pytest.approx(0.4 - half) and kr["verdict"] == "better"
+    # p of kr: t = 0.4 / (0.1 / sqrt 3) = 6.93, 2 df -> 0.0202; rdr's (-0.5, 1.0, -0.7) is far from significant.
+    # Holm over 2: 0.0202 <= 0.05 / 2 rejects for kr, then rdr's p > 0.05 stands
+    assert kr["difference"]["p_value"] == pytest.approx(0.0202, abs=5e-4) and kr["holm"] == "better"
+    assert rows["rdr"]["vs_baseline"]["holm"] == "tie" and "vs_baseline" not in rows["kd"]
+    assert _baseline_cell(rows["kr"]).startswith("kd_ce1: +0.40 [") and "better, p 0.020 (Holm: better)" in \
+        _baseline_cell(rows["kr"])
+    # a third comparison in the family: 0.0202 > 0.05 / 3, so Holm stops at once and kr's win is a tie there
+    suite.runs["at"] = suite.runs["kr"].model_copy(update={"baseline": "kd"})
+    summaries.update({("at", seed): {**summaries[("kd", seed)], "test_acc": a} for seed, a in enumerate([91.3, 90.9,
+                                                                                                     91.2])})
+    rows = aggregate(suite, summaries, {}, 3)["runs"]
+    assert rows["kr"]["vs_baseline"]["holm"] == "tie" and rows["kr"]["vs_baseline"]["verdict"] == "better"
+    with pytest.raises(ValueError, match="runs.kr.baseline: 'kr' is not another label"):
+        Suite.model_validate({"name": "x", "runs": {"kr": {"config": "kr.yaml", "baseline": "kr"}}})

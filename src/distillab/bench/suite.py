@@ -65,6 +65,8 @@ class SuiteEntry(StrictModel):
     tuned_as: str | None = Field(None, description="take the values tuned for this label (an ablation of it)")
     budget: Path | None = Field(None, description="this entry's budget instead of the suite's (e.g. a teacher-free "
                                 "run shared with a suite on another teacher)")
+    baseline: str | None = Field(None, description="a label this row is also compared with, paired by seed: its own "
+                                 "control, or the method its paper claims to beat")
 
 
 class TuneSpec(StrictModel):
@@ -103,6 +105,8 @@ class Suite(StrictModel):
         for label, entry in self.runs.items():
             if entry.tuned_as is not None and entry.tuned_as not in grids:
                 raise ValueError(f"runs.{label}.tuned_as: {entry.tuned_as!r} has no grid in tune.grids")
+            if entry.baseline is not None and (entry.baseline not in self.runs or entry.baseline == label):
+                raise ValueError(f"runs.{label}.baseline: {entry.baseline!r} is not another label of runs")
         return self
 
     def tuned_label(self, label: str) -> str:
@@ -341,6 +345,12 @@ def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]], tu
         rows[label]["holm"] = holm_verdict
     if suite.reference in rows:
         rows[suite.reference]["holm"] = None
+    own = {label: paired_difference(test[label], test[b]) if (b := suite.runs[label].baseline) in rows else None
+           for label in rows if suite.runs[label].baseline}  # a second family: each row against its own baseline
+    for label, holm_verdict in holm_verdicts(own).items():
+        diff = own[label]
+        rows[label]["vs_baseline"] = {"label": suite.runs[label].baseline, "difference": diff,
+                                      "verdict": None if diff is None else verdict(diff), "holm": holm_verdict}
     comparisons = sum(1 for d in diffs.values() if d is not None and d["p_value"] is not None)
     first = next(iter(summaries.values()))
     devices = Counter(_machine(s["environment"]) for s in summaries.values())
@@ -348,6 +358,7 @@ def aggregate(suite: Suite, summaries: dict[tuple[str, int], dict[str, Any]], tu
             "environment": {**first["environment"], "devices": dict(devices.most_common())},
             "seeds_requested": seeds, "reference": suite.reference,
             "holm": {"alpha": FAMILY_ALPHA, "comparisons": comparisons} if suite.reference else None,
+            "baseline_comparisons": sum(1 for d in own.values() if d is not None and d["p_value"] is not None),
             "budget": str(suite.budget) if suite.budget else None, "runs": rows,
             "not_run": [label for label in suite.runs if label not in rows]}
 
@@ -388,6 +399,17 @@ def _paired_cells(label: str, row: dict[str, Any], reference: str) -> list[str]:
     else:
         holm = row.get("holm") or "-"
     return [_fmt_diff(row["vs_reference"]), _verdict_cell(label, row, reference), _fmt_p(row["vs_reference"]), holm]
+
+
+def _baseline_cell(row: dict[str, Any]) -> str:
+    """`label: difference [95 % CI] verdict (Holm: verdict)` against the row's own baseline; `-` without one."""
+    own = row.get("vs_baseline")
+    if not own:
+        return "-"
+    if own["difference"] is None:
+        return f"{own['label']}: not run yet"
+    return (f"{own['label']}: {_fmt_diff(own['difference'])} {own['verdict']}, p {_fmt_p(own['difference'])} "
+            f"(Holm: {own['holm']})")
 
 
 def results_table(results: dict[str, Any]) -> Table:
@@ -445,14 +467,22 @@ def write_results(suite: Suite, results: dict[str, Any], run_dirs: dict[str, lis
                       ", ".join(f"{k} has {len(results['runs'][k]['seeds'])}" for k in short),
                       ("not run yet: " + ", ".join(results["not_run"])) if results["not_run"] else ""]))
                   + "."]
+    baselines = any(r.get("vs_baseline") for r in results["runs"].values())
+    if baselines:
+        lines += ["", "`- own baseline`: the same paired comparison against the row's own baseline (its logit "
+                      "recipe's control, or the method its paper claims to beat), with its p-value and a Holm "
+                      f"verdict over the {results.get('baseline_comparisons', 0)} such comparisons of the table (a "
+                      "second family)."]
     head = ["run", "teacher -> student", "seeds", "test top-1 %",
             *([f"- {ref} [95 % CI]", "verdict", "p", "Holm"] if ref else []),
+            *(["- own baseline [95 % CI]"] if baselines else []),
             "val top-1 %", "best-epoch test %", "test % per seed", "img/s"]
     lines += ["", "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for label, r in results["runs"].items():
         pair = f"{r['teacher']} -> {r['student']}" if r["teacher"] else r["student"]
         paired = _paired_cells(label, r, ref) if ref else []
-        cells = [label, pair, str(len(r["seeds"])), _fmt(r["test_acc"]), *paired, _fmt(r["val_acc"]),
+        cells = [label, pair, str(len(r["seeds"])), _fmt(r["test_acc"]), *paired,
+                 *([_baseline_cell(r)] if baselines else []), _fmt(r["val_acc"]),
                  _fmt(r["best_epoch_test_acc"]), " ".join(f"{a:.2f}" for a in r["per_seed_test_acc"]),
                  f"{r['images_per_s']:,.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
