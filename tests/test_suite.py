@@ -335,5 +335,5 @@ def test_a_row_is_also_paired_with_its_own_baseline_as_a_second_family():
                                                                                                      91.2])})
     rows = aggregate(suite, summaries, {}, 3)["runs"]
     assert rows["kr"]["vs_baseline"]["holm"] == "tie" and rows["kr"]["vs_baseline"]["verdict"] == "better"
-    with pytest.raises(ValueError, match="runs.kr.baseline: 'kr' is not another label"):
+    with pytest.raises(ValueError, match=r"runs\.kr\.baseline: 'kr' is not another label"):
         Suite.model_validate({"name": "x", "runs": {"kr": {"config": "kr.yaml", "baseline": "kr"}}})

@@ -31,6 +31,13 @@ class StageInfo:
     # the pre-activation the *next* layer computes from this output: `preact` for post-activation blocks; for
     # pre-activation blocks (WRN) the next block's normalised input before its ReLU; None where there is none
     next_preact: str | None
+    # per block, the same for its own output (the last is `next_preact`): `block_preacts` for post-activation blocks,
+    # the next BN's output (the next block's, or the head's) for pre-activation ones; empty: not declared
+    block_next_preacts: tuple[str | None, ...] = ()
+    # per block, the module path of the BatchNorm whose affine output (bias, |weight|) models that map, as Overhaul's
+    # margin reads it: that BN itself for pre-activation blocks, the BN ending the residual branch before the sum for
+    # post-activation ones; None where none is declared
+    block_next_preact_bns: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)

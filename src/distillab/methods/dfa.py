@@ -4,6 +4,9 @@ For every group i (a stage of the teacher: its block outputs share one resolutio
 target is the aggregation A_i = sum_j alpha_i^j T_i^j of the teacher's block outputs (Eq. 2), and
 L = ce_weight * CE + fd_weight * sum_i MSE(BN(Conv1x1(S_i)), A_i), S_i the student's stage output (Eqs. 3-4, the
 spec's Option A: identity teacher transform, mean squared error summed over groups; no logit KD).
+`distance: overhaul` is the spec's Option B, Overhaul's distance (`dfa_overhaul`): every map taken before its ReLU,
+A_i = sum_j alpha_i^j max(T_i^j, m_i^j) (each candidate's margin-ReLU, its margin from its BatchNorm), and
+fd = sum_i 2^(i-G+1) * partial_L2(BN(Conv1x1(S_i)), A_i) / batch size.
 
 The weights alpha are fixed buffers (no gradient, saved in checkpoints): searched by stage 1 (`dfa_search`, run first
 into <run>/stages/search when `mode: searched` names no `weights`) and read from its aggregation.json, or from an
@@ -28,6 +31,8 @@ from distillab.errors import ConfigError
 from distillab.features import FeatureTap, feature_shapes
 from distillab.methods.base import Method, MethodOptions, register
 from distillab.methods.capabilities import MultiStage, Stage
+from distillab.methods.dfa_overhaul import margin_relu, partial_l2, preact_candidates, stage_weights
+from distillab.models.blocks import init_conv_fan_out
 from distillab.roles import roles
 
 AGGREGATION_FILE = "aggregation.json"
@@ -68,8 +73,13 @@ class DFAOptions(MethodOptions):
                                  "search; unset with mode searched: search first, as a stage of this run")
     random_seed: int = Field(0, description="seed of the mode-random weights")
     fd_weight: float | None = Field(None, ge=0, description="gamma_fd: weight of the feature distance; required "
-                                    "(the spec gives no default; try 1, 10, 100)")
+                                    "(the spec gives no default; mse: try 1, 10, 100; overhaul: Overhaul's CIFAR "
+                                    "weight is 1e-3)")
     ce_weight: float = Field(1.0, ge=0)
+    distance: Literal["mse", "overhaul"] = Field(
+        "mse", description="stage-2 distance: mse (the block outputs, MSE per group, summed over groups) or "
+        "overhaul (Heo et al. 2019: maps before their ReLU, the teacher's margin-ReLU, partial L2 with per-group "
+        "weights 2^(i-G+1), summed and divided by the batch size)")
     search: DFASearchOptions = Field(DFASearchOptions(), description="stage-1 options: with mode searched and no "
                                      "weights, the search runs first, into <run>/stages/search")
 
@@ -77,7 +87,7 @@ class DFAOptions(MethodOptions):
     def _fd_weight_is_set(self) -> DFAOptions:
         if self.fd_weight is None:  # checked with the config, before any data or teacher loads
             raise ValueError("fd_weight is required for dfa (the paper gives no value; the spec suggests trying 1, "
-                             "10 and 100)")
+                             "10 and 100 with distance mse; Overhaul's own weight is 1e-3)")
         return self
 
 
@@ -119,12 +129,13 @@ def aggregate(maps: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def teacher_groups(teacher: nn.Module, tap: FeatureTap, groups: Groups, x: torch.Tensor) -> list[list[torch.Tensor]]:
-    """The candidate maps T_i^j of every group, without autograd (`tap` holds the candidates' names)."""
+def teacher_groups(teacher: nn.Module, tap: FeatureTap, names: list[list[str]], x: torch.Tensor
+                   ) -> list[list[torch.Tensor]]:
+    """The teacher's maps of every group (`names`, which `tap` holds), without autograd."""
     with torch.no_grad():
         teacher(x)
     maps = dict(zip(tap.names, tap.take(), strict=True))
-    return [[maps[n] for n in names] for names in groups.names]
+    return [[maps[n] for n in group] for group in names]
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -164,10 +175,14 @@ def read_aggregation(path: Path | None, sizes: list[int]) -> list[torch.Tensor]:
     return out
 
 
-def feature_connector(student_channels: int, teacher_channels: int) -> nn.Sequential:
-    """F_s^i (Option A): Conv1x1 + BN from the student's stage width to the teacher's."""
-    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False),
-                         nn.BatchNorm2d(teacher_channels))
+def feature_connector(student_channels: int, teacher_channels: int, he_init: bool = False) -> nn.Sequential:
+    """F_s^i: Conv1x1 + BN from the student's stage width to the teacher's; `he_init`: the conv's weights drawn with
+    std sqrt(2 / teacher_channels), as Overhaul's connector (otherwise torch's default)."""
+    connector = nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False),
+                              nn.BatchNorm2d(teacher_channels))
+    if he_init:
+        init_conv_fan_out(connector)
+    return connector
 
 
 # ---------------------------------------------------------------------------------------------- stage 2
@@ -179,12 +194,23 @@ class DFA(MultiStage, Method):
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
         self.groups = groups_by_roles(teacher, student, self.input_shape)
-        for i, weights in enumerate(fixed_weights(self.opts, self.groups.sizes)):
+        alphas = fixed_weights(self.opts, self.groups.sizes)
+        for i, weights in enumerate(alphas):
             self.register_buffer(f"alpha_{i}", weights)
-        self.connectors = nn.ModuleList(feature_connector(cs, ct) for cs, ct in
+        # the teacher is read only where a weight is not 0 (mode last: one map per group)
+        self.used = [[j for j, a in enumerate(weights.tolist()) if a > 0] for weights in alphas]
+        overhaul = self.opts.distance == "overhaul"
+        self.connectors = nn.ModuleList(feature_connector(cs, ct, he_init=overhaul) for cs, ct in
                                         zip(self.groups.student_channels, self.groups.teacher_channels, strict=True))
-        self.student_tap = self.tap(student, self.groups.student_stages)
-        self.teacher_tap = self.tap(teacher, [n for names in self.groups.names for n in names])
+        self.candidates = [[self.groups.names[i][j] for j in used] for i, used in enumerate(self.used)]
+        student_maps = self.groups.student_stages
+        if overhaul:  # the same blocks before their ReLU, and their margins (from the loaded teacher; saved)
+            self.candidates, margins = preact_candidates(teacher, self.candidates, self.groups.teacher_channels)
+            for i, group_margins in enumerate(margins):
+                self.register_buffer(f"margin_{i}", group_margins)
+            student_maps = [s.next_preact or s.name for s in roles(student).stages]
+        self.student_tap = self.tap(student, student_maps)
+        self.teacher_tap = self.tap(teacher, [n for names in self.candidates for n in names])
 
     @classmethod
     def stages(cls, options: DFAOptions) -> list[Stage]:
@@ -198,16 +224,27 @@ class DFA(MultiStage, Method):
     def alphas(self) -> list[torch.Tensor]:
         return [getattr(self, f"alpha_{i}") for i in range(len(self.groups.sizes))]
 
+    @property
+    def margins(self) -> list[torch.Tensor]:
+        """distance overhaul: per group, the margins (used candidates x channels)."""
+        return [getattr(self, f"margin_{i}") for i in range(len(self.groups.sizes))]
+
     def write_outputs(self, run_dir: Path) -> dict[str, Any]:
         return {"aggregation": [alpha.tolist() for alpha in self.alphas]}  # the weights distilled with, per group
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor):
         logits = self.student(images)
-        student_maps = self.student_tap.take()
-        teacher_maps = teacher_groups(self.teacher, self.teacher_tap, self.groups, images)
-        fd = sum(F.mse_loss(connector(s).float(), aggregate(t, alpha).float())
-                 for connector, s, t, alpha in zip(self.connectors, student_maps, teacher_maps, self.alphas,
-                                                   strict=True))
+        student_maps = [c(s).float() for c, s in zip(self.connectors, self.student_tap.take(), strict=True)]
+        teacher_maps = teacher_groups(self.teacher, self.teacher_tap, self.candidates, images)
+        weights = [alpha[used] for alpha, used in zip(self.alphas, self.used, strict=True)]
+        if self.opts.distance == "overhaul":
+            targets = [aggregate([margin_relu(t.float(), m) for t, m in zip(maps, margins, strict=True)], w)
+                       for maps, margins, w in zip(teacher_maps, self.margins, weights, strict=True)]
+            fd = sum(factor * partial_l2(s, t) for factor, s, t in
+                     zip(stage_weights(len(targets)), student_maps, targets, strict=True)) / images.shape[0]
+        else:
+            fd = sum(F.mse_loss(s, aggregate(t, w).float())
+                     for s, t, w in zip(student_maps, teacher_maps, weights, strict=True))
         return logits, {
             "ce": self.opts.ce_weight * F.cross_entropy(logits, labels),
             "fd": self.opts.fd_weight * fd,

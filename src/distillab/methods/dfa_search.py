@@ -109,7 +109,7 @@ class DFASearch(BilevelSearch, Method):
         """Eq. 12 for group i at architecture parameters `beta`, weighted: ts = ts_weight * L_TS (Eq. 10),
         st = st_weight * L_ST (Eq. 11); and the student's own logits (the forward that gives its map at the group's
         end: each BN sees the bridged teacher map, then the images, as when the map is continued by hand)."""
-        target = aggregate(teacher_groups(self.teacher, self.teacher_tap, self.groups, images)[group],
+        target = aggregate(teacher_groups(self.teacher, self.teacher_tap, self.groups.names, images)[group],
                            beta.softmax(0))
         ts_logits = self.student.forward_from(group + 1, self.ts[group](target))
         logits = self.student(images)

@@ -45,6 +45,7 @@ class BasicBlock(nn.Module):
     """Post-activation residual block: conv3x3-BN-ReLU, conv3x3-BN, add shortcut, `relu`."""
 
     ends_with_relu = True
+    preact_bn = "bn2"  # the BN before the sum that `relu` takes (the margin Overhaul reads for a ResNet)
 
     expansion = 1
 
@@ -68,6 +69,7 @@ class Bottleneck(nn.Module):
     """Post-activation bottleneck: 1x1 reduce, 3x3 (carries the stride), 1x1 expand x4, add, `relu`."""
 
     ends_with_relu = True
+    preact_bn = "bn3"
 
     expansion = 4
 

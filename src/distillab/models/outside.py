@@ -433,7 +433,8 @@ def _under(info: FeatureInfo, prefix: str) -> FeatureInfo:
         return None if n is None else prefix + n
 
     stages = tuple(StageInfo(name(s.name), s.channels, s.reduction, tuple(prefix + b for b in s.blocks),
-                             tuple(map(name, s.block_preacts)), name(s.preact), name(s.next_preact))
+                             tuple(map(name, s.block_preacts)), name(s.preact), name(s.next_preact),
+                             tuple(map(name, s.block_next_preacts)), tuple(map(name, s.block_next_preact_bns)))
                    for s in info.stages)
     return FeatureInfo(stages, name(info.prepool), name(info.prepool_preact), name(info.pooled), info.channels,
                        name(info.last_conv), name(info.classifier))

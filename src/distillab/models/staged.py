@@ -62,8 +62,10 @@ class StagedNet(nn.Module):
             blocks = tuple(f"stages.{i}.{j}" for j in range(len(stage)))
             preacts = tuple(f"{name}.relu:input" if getattr(block, "ends_with_relu", False) else None
                             for name, block in zip(blocks, stage, strict=True))
+            points = self.block_next_preacts(i)
             stages.append(StageInfo(f"stages.{i}", channels, reduction, blocks, preacts, preacts[-1],
-                                    self.next_preact(i, preacts[-1])))
+                                    self.next_preact(i, preacts[-1]), tuple(p for p, _ in points),
+                                    tuple(bn for _, bn in points)))
         pre = self.head.pre
         pre_convs = [n for n, m in pre.named_modules() if isinstance(m, nn.Conv2d)]
         pre_relu = isinstance(getattr(pre, "relu", None), nn.ReLU)
@@ -78,6 +80,17 @@ class StagedNet(nn.Module):
         """The pre-activation the next layer computes from stage `stage_index`'s output (see StageInfo): its own
         `preact` for post-activation blocks; pre-activation families override it."""
         return preact
+
+    def block_next_preacts(self, stage_index: int) -> tuple[tuple[str | None, str | None], ...]:
+        """Per block of stage `stage_index`: its output as the next layer takes it before a ReLU, and the BN that
+        models that map (see StageInfo). Post-activation blocks: their own pre-activation and the BN their class
+        names in `preact_bn`; pre-activation families override it."""
+        points = []
+        for j, block in enumerate(self.stages[stage_index]):
+            name, bn = f"stages.{stage_index}.{j}", getattr(block, "preact_bn", None)
+            ends = getattr(block, "ends_with_relu", False)
+            points.append((f"{name}.relu:input" if ends else None, f"{name}.{bn}" if ends and bn else None))
+        return tuple(points)
 
     def _last_block_conv(self, block: str) -> str | None:
         convs = [n for n, m in self.get_submodule(block).named_children() if isinstance(m, nn.Conv2d)

@@ -22,6 +22,7 @@ class VGGLayer(nn.Module):
     """Optional 2x2 max-pool, then 3x3 conv (with bias), BN and `relu`."""
 
     ends_with_relu = True
+    preact_bn = "bn"
 
     def __init__(self, in_channels: int, out_channels: int, pool: bool = False) -> None:
         super().__init__()

@@ -83,6 +83,18 @@ class WideResNet(StagedNet):
             return f"stages.{stage_index + 1}.0.relu1:input"
         return "head.pre.relu:input"
 
+    def block_next_preacts(self, stage_index: int) -> tuple[tuple[str | None, str | None], ...]:
+        """Each block's output as the next BN normalises it, before that BN's ReLU: the next block's `bn1`, after a
+        stage's last block the next stage's first `bn1`, after the last stage `head.pre.bn` (Overhaul's
+        `get_bn_before_relu` for its stage outputs)."""
+        following = [f"stages.{stage_index}.{j}" for j in range(1, len(self.stages[stage_index]))]
+        if stage_index + 1 < len(self.stages):
+            following.append(f"stages.{stage_index + 1}.0")
+        points = [(f"{block}.relu1:input", f"{block}.bn1") for block in following]
+        if stage_index + 1 == len(self.stages):
+            points.append(("head.pre.relu:input", "head.pre.bn"))
+        return tuple(points)
+
 
 for _depth, _widen in [(16, 1), (16, 2), (16, 4), (28, 2), (28, 4), (40, 1), (40, 2)]:
     register(f"wrn_{_depth}_{_widen}")(partial(WideResNet, _depth, _widen))
