@@ -23,6 +23,7 @@ from distillab.engine.evaluate import eval_loader, evaluate
 from distillab.engine.trainer import chance_threshold
 from distillab.errors import ConfigError
 from distillab.features import FeatureTap
+from distillab.methods import rdr as rdr_module
 from distillab.methods.rdr import (
     abar_schedule,
     as_feature_map,
@@ -111,7 +112,8 @@ def test_default_site_is_the_spec_table_layer_and_merges_exactly(student):
     ("student", "options"),
     [(s, {"K": 1}) for s in ("resnet8x4", "wrn_16_2", "MobileNetV2")]
     + [(s, {"K": 2}) for s in ("resnet8x4", "wrn_16_2")]
-    + [(s, MIXED) for s in ("resnet8x4", "wrn_16_2", "vgg8")],
+    + [(s, MIXED) for s in ("resnet8x4", "wrn_16_2", "vgg8")]
+    + [(s, {"start": "initial"}) for s in ("resnet8x4", "wrn_16_2", "MobileNetV2")],
     ids=lambda v: str(v),
 )
 def test_merge_is_exact_for_every_branch_count_and_kind(student, options):
@@ -265,10 +267,11 @@ def test_start_is_detached_so_only_the_prediction_term_has_a_gradient():
     assert all(not target.requires_grad for target in targets)
 
 
-def optimum(start: str, mix: str, schedule: str = "linear", steps: int = 4, iters: int = 3000) -> list[float]:
+def optimum_points(start: str, mix: str, schedule: str = "linear", steps: int = 4, iters: int = 3000,
+                   initial: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Gradient descent on free tensors h_1..h_K standing in for the bridged partial sums, with the method's own
-    start, targets and loss; returns ||h_k - t|| / ||t|| at the end (averaged over the last third of the
-    iterations, with a decaying step, so that a noisy target gives its expectation)."""
+    start (`initial`: the fixed x_0 of start=initial), targets and loss; returns the h_k at the end (averaged over
+    the last third of the iterations, with a decaying step, so that a noisy target gives its expectation) and t."""
     g = torch.Generator().manual_seed(0)
     t = torch.randn(16, 32, generator=g)
     h = [(0.1 * torch.randn(16, 32, generator=g)).requires_grad_() for _ in range(steps)]
@@ -276,7 +279,8 @@ def optimum(start: str, mix: str, schedule: str = "linear", steps: int = 4, iter
     torch.manual_seed(0)
     average = [torch.zeros_like(t) for _ in h]
     for i in range(iters):
-        loss = progressive_loss(h, step_targets(t, trajectory_start(h[0], start), abar, mix), weights)
+        x_0 = initial if start == "initial" else trajectory_start(h[0], start)
+        loss = progressive_loss(h, step_targets(t, x_0, abar, mix), weights)
         grads = torch.autograd.grad(loss, h)
         lr = t.numel() * steps / 2 * min(0.5, 20 / (i + 1))  # a step of half the way to the target, then decaying
         with torch.no_grad():
@@ -284,7 +288,13 @@ def optimum(start: str, mix: str, schedule: str = "linear", steps: int = 4, iter
                 x -= lr * dx
                 if i >= 2 * iters // 3:
                     average[k] += x / (iters - 2 * iters // 3)
-    return [((a - t).norm() / t.norm()).item() for a in average]
+    return average, t
+
+
+def optimum(start: str, mix: str, schedule: str = "linear", steps: int = 4, iters: int = 3000) -> list[float]:
+    """||h_k - t|| / ||t|| at the optimum (`optimum_points`)."""
+    points, t = optimum_points(start, mix, schedule, steps, iters)
+    return [((a - t).norm() / t.norm()).item() for a in points]
 
 
 @pytest.mark.parametrize(("start", "mix"), [("zero", "linear"), ("zero", "vp"), ("noise", "linear"), ("noise", "vp")])
@@ -318,6 +328,100 @@ def test_default_targets_are_the_mean_of_shuffled_partial_sums():
     targets = step_targets(full, trajectory_start(full), abar_schedule(4))  # the default start, mix and schedule
     for k in range(4):
         torch.testing.assert_close(targets[k], mean[k])
+
+
+def test_a_start_frozen_at_initialisation_moves_the_intermediate_optima_beyond_t_not_the_last():
+    """start: initial (x_0 = s_0, the network's own bridged feature at initialisation, fixed per image). Property:
+    the optimum of the summed step losses is h_k = s_0 + (k/K)(t - s_0), on the segment from s_0 to t. For k < K
+    it depends on s_0, so it carries information beyond t (the default's optima (k/K)·t are functions of t alone);
+    the full sum, the merged layer, still has t as its optimum, whatever s_0."""
+    g = torch.Generator().manual_seed(7)
+    s_0, other = torch.randn(16, 32, generator=g), torch.randn(16, 32, generator=g)
+    points, t = optimum_points("initial", "linear", initial=s_0)
+    for k, h in enumerate(points, start=1):
+        torch.testing.assert_close(h, s_0 + k / 4 * (t - s_0), atol=1e-4, rtol=0)
+    distances = [((h - t).norm() / (s_0 - t).norm()).item() for h in points]
+    assert distances == pytest.approx([0.75, 0.5, 0.25, 0.0], abs=1e-3)  # walks from where it started to t
+    default, _ = optimum_points("zero", "linear")
+    moved, _ = optimum_points("initial", "linear", initial=other)
+    for k in range(3):  # the intermediate optima: neither t, nor the default's, nor those of another start
+        for elsewhere in (t, default[k], moved[k]):
+            assert (points[k] - elsewhere).norm() > 0.2 * t.norm(), k
+    assert (points[-1] - t).norm() < 1e-3 * t.norm() and (moved[-1] - t).norm() < 1e-3 * t.norm()
+
+
+def test_initial_start_targets_are_the_mean_of_shuffled_partial_sums_over_a_shortcut_at_the_start():
+    """The targets s_0 + (k/K)(t - s_0) are met together, whatever order is drawn, when what every partial sum
+    shares (the bridged shortcut) is s_0 and the branches add t - s_0 (the bridge taken as the identity)."""
+    g = torch.Generator().manual_seed(1)
+    outputs, shortcut = [torch.randn(2, 3, generator=g) for _ in range(4)], torch.randn(2, 3, generator=g)
+    orders = list(itertools.permutations(range(4)))
+    mean = [sum(step_features(outputs, list(o))[k] + shortcut for o in orders) / len(orders) for k in range(4)]
+    targets = step_targets(shortcut + sum(outputs), shortcut, abar_schedule(4))
+    for k in range(4):
+        torch.testing.assert_close(targets[k], mean[k])
+    with pytest.raises(ValueError, match="initial"):
+        trajectory_start(shortcut, "initial")
+
+
+def test_initial_start_is_the_network_at_initialisation_and_stays_put_while_it_trains(monkeypatch):
+    method = rdr(K=4, start="initial")
+    x, y = batch(8)
+    with torch.no_grad():  # the bridged f_K of the network as it is now (train mode: the batch's statistics)
+        method.student(x)
+        reference = method.bridge(method.student_tap.take()[-1])
+    starts = []
+
+    def recording(teacher, start, *args, **kwargs):
+        starts.append(start)
+        return step_targets(teacher, start, *args, **kwargs)
+
+    monkeypatch.setattr(rdr_module, "step_targets", recording)
+    _, terms = method(x, y)
+    torch.testing.assert_close(starts[0], reference)
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    sum(terms.values()).backward()
+    optimizer.step()
+    method(x, y)
+    assert torch.equal(starts[0], starts[1])  # the network moved (below), its start did not
+    with torch.no_grad():
+        method.student(x)
+        assert (method.bridge(method.student_tap.take()[-1]) - reference).abs().max() > 1e-2
+    assert not any(p.requires_grad for p in method.initial.parameters()) and not list(method.initial.buffers())
+    assert all(p.grad is None for p in method.initial.parameters())
+
+
+def test_initial_start_targets_through_the_method_by_hand():
+    method = rdr(K=2, shuffle=False, start="initial", rdr_weight=2.0).eval()
+    x, y = batch(4)
+    _, terms = method(x, y)
+    names = ["stages.2.0.conv2.branches.1", "stages.2.0.relu:input"]
+    with FeatureTap(method.student, names) as tap, FeatureTap(method.teacher, ["stages.2.0.relu:input"]) as t_tap, \
+            torch.no_grad():
+        method.student(x)
+        method.teacher(x)
+        y1, f = tap.values()
+        t = t_tap["stages.2.0.relu:input"]
+        h1, h2 = method.bridge(torch.cat([f - y1, f])).split(4)
+        method.student.train()  # untrained, so the network at initialisation; its start takes batch statistics
+        method.bridge.train()
+        method.student(x)
+        s_0 = method.bridge(tap["stages.2.0.relu:input"])
+        expected = 2.0 * (0.5 * F.mse_loss(h1, s_0 + 0.5 * (t - s_0)) + 0.5 * F.mse_loss(h2, t))
+    assert terms["rdr"].item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_initial_start_keeps_no_copy_at_one_step_and_adds_no_side_or_deployed_parameters():
+    assert rdr(K=1, start="initial").initial is None  # K = 1: the only target is t
+    x, y = batch(4)
+    torch.manual_seed(3)
+    one = rdr(K=1, start="initial")(x, y)[1]["rdr"]
+    torch.manual_seed(3)
+    assert torch.equal(one, rdr(K=1)(x, y)[1]["rdr"])
+    method = rdr(K=3, start="initial", bridge="per_step")
+    assert torch.equal(method.initial["bridge"][0].weight, method.bridge[-1][0].weight)  # the bridge that maps f_K
+    assert method.side_parameter_count() == rdr(K=3, bridge="per_step").side_parameter_count()
+    assert list(method.deploy().state_dict()) == list(models.build("resnet8", num_classes=100).state_dict())
 
 
 def test_noise_start_is_pure_noise_and_noisy_start_adds_it():
@@ -580,6 +684,22 @@ def test_export_can_fuse_the_merged_bn(rdr_run, tmp_path):
     assert "stages.2.0.conv2.bias" in fused and not any(k.startswith("stages.2.0.bn2.") for k in fused)
     plain = load_file(str(cfg.run_dir / "student.safetensors"))
     assert len(plain) - len(fused) == 4  # bn2's five entries are gone, conv2.bias is new
+
+
+def test_a_digits_run_with_the_initial_start_keeps_its_frozen_copy_and_ships_the_plain_student(
+        tmp_path, untrained_digits_teacher):
+    cfg = digits_config(tmp_path, untrained_digits_teacher, "initial", "method.options.start=initial",
+                        "train.epochs=1")
+    summary = train_run(cfg)
+    state = load_checkpoint(cfg.run_dir / CHECKPOINT_FILE)["method"]
+    assert any(k.startswith("initial.student.stages.2.0.conv2.branches.2.") for k in state)
+    assert summary["side_params"] == 2 * (64 * 64 * 9 + 128) + 64 * 64 + 128  # the frozen copy is not counted
+    out = tmp_path / "initial.safetensors"
+    assert main(["export", str(cfg.run_dir), "--output", str(out)]) == 0  # the rebuilt method takes the checkpoint
+    fresh = models.build("resnet8", **DIGITS_PARAMS)
+    fresh.load_state_dict(load_file(str(out)), strict=True)
+    test = load_splits(cfg.data).test
+    assert evaluate(fresh, eval_loader(test))["acc"] == pytest.approx(summary["test_acc"], abs=1e-9)
 
 
 def test_export_of_another_method_is_its_student(tmp_path, untrained_digits_teacher, capsys):

@@ -12,12 +12,14 @@ from safetensors.torch import load_file
 from conftest import teacher_changes, tiny_run
 from distillab import methods, models
 from distillab.config_files import load_config
+from distillab.engine.evaluate import eval_loader
 from distillab.errors import ConfigError
+from distillab.features import FeatureTap
 from distillab.losses import dkd_loss, gaussian_kl, kd_loss
 from distillab.methods import unikd
 from distillab.methods.reviewkd import gated_sum
 from distillab.methods.unikd import AdaptiveFeatureFusion, GaussianHead, UniKD
-from distillab.run import train_run
+from distillab.run import restore_method, train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_CONFIGS = sorted((ROOT / "configs/cifar100/unikd").glob("*.yaml"))
@@ -431,3 +433,58 @@ def test_with_its_feature_terms_at_zero_a_unikd_run_ends_with_dkds_weights_bit_f
     assert weights["dkd"].keys() == weights["unikd"].keys()
     for key, value in weights["dkd"].items():
         assert torch.equal(weights["unikd"][key], value), key
+
+
+# -- the probe: do the FDP heads agree with the teacher? ----------------------------------------------------
+PROBES = ("val_probe_teacher_agree", "val_probe_student_agree", "val_probe_logits_agree")
+
+
+def agreement(method: UniKD, images: torch.Tensor) -> dict[str, float]:
+    """The probe computed directly, in eval mode: the argmax of each head's mean layer on its pooled map (and of
+    the student's logits) against the teacher's top-1 class, in % of `images`."""
+    method.eval()
+    with torch.no_grad(), FeatureTap(method.teacher, method.teacher_tap.names) as t_tap, \
+            FeatureTap(method.student, method.student_tap.names) as s_tap:
+        top = method.teacher(images).argmax(1)
+        logits = method.student(images)
+        teacher_mean = method.fdp_teacher.mean(t_tap.values()[0].mean(dim=(2, 3)))
+        student_mean = method.fdp_student.mean(method.aff(s_tap.values()).mean(dim=(2, 3)))
+    return {name: 100.0 * (score.argmax(1) == top).sum().item() / len(images)
+            for name, score in zip(PROBES, (teacher_mean, student_mean, logits), strict=True)}
+
+
+def test_each_validation_reports_how_often_the_fdp_heads_agree_with_the_teacher(tmp_path, digits_teacher):
+    cfg = tiny_run(tmp_path, "probe", *RUN, "method.name=unikd", "train.epochs=3", "train.eval_every=2",
+                   "method.options.warmup=1", "data.augment.crop_padding=0", *teacher_changes(digits_teacher))
+    summary = train_run(cfg)
+    assert summary["teacher_cache_s"] is not None  # trained from the cache: the probe must run the real teacher
+    lines = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [all(k in line for k in PROBES) for line in lines] == [False, True, True]  # the evaluated epochs: 2, 3
+    assert not any(k.startswith("test_probe") for line in lines for k in line)
+    for line in lines[1:]:
+        for k in PROBES:
+            assert 0.0 <= line[k] <= 100.0 and (line[k] * 2).is_integer()  # % of 200 validation images
+    _, data, method, _ = restore_method(cfg.run_dir)  # the state of the last epoch
+    images = torch.cat([b.images for b in eval_loader(data.val)])
+    assert len(images) == 200
+    assert agreement(method, images) == pytest.approx({k: lines[-1][k] for k in PROBES}, abs=1e-9)
+
+
+def test_no_validation_split_no_probe(tmp_path, digits_teacher):
+    cfg = tiny_run(tmp_path, "no_val", "method.name=unikd", "data.val_size=0", *teacher_changes(digits_teacher))
+    train_run(cfg)
+    (line,) = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "test_acc" in line and not any("probe" in k for k in line)
+
+
+def test_probe_gives_one_value_per_image_and_draws_no_noise(digits_pair):
+    method = build(digits_pair).eval()
+    x, y = batch()
+    torch.manual_seed(0)
+    values = method.probe(x, y)
+    after = torch.randn(3)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.randn(3))  # the training's random stream is left where it was
+    assert set(values) == set(UniKD.probes) and all(v.shape == (len(x),) for v in values.values())
+    assert all(set(v.unique().tolist()) <= {0.0, 100.0} for v in values.values())
+

@@ -177,6 +177,18 @@ class TeacherCaching(Callback):
             self.cached.rows = (batch.indices if batch.views is None
                                 else batch.views * self.cached.cache.images_per_view + batch.indices)
 
+    @contextlib.contextmanager
+    def real_teacher(self, trainer: Trainer) -> Iterator[None]:
+        """The real teacher back in the method while the block runs (to run it on images the cache does not hold)."""
+        if self.cached is None:
+            yield
+            return
+        trainer.method.teacher = self.teacher
+        try:
+            yield
+        finally:
+            trainer.method.teacher = self.cached
+
     def _restore(self, trainer: Trainer) -> None:
         if self.teacher is not None:
             trainer.method.teacher = self.teacher

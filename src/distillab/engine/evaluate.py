@@ -44,3 +44,22 @@ def evaluate_sums(model: nn.Module, loader: DeviceLoader, autocast_dtype: torch.
         model.train(was_training)
     return torch.stack([correct.double(), loss_sum.double(),
                         torch.tensor(float(loader.num_samples), dtype=torch.float64, device=device)])
+
+
+@torch.no_grad()
+def probe_sums(method: nn.Module, loader: DeviceLoader, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[sum of each of `method.probes` over the loader's images (`Method.probe`), images] on the loader's device,
+    in eval mode (to all-reduce across ranks)."""
+    device = torch.device(loader.device)
+    was_training = method.training
+    method.eval()
+    sums = torch.zeros(len(method.probes), device=device, dtype=torch.float64)
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    try:
+        for images, labels in loader:
+            with amp:
+                values = method.probe(images, labels)
+            sums += torch.stack([values[name].double().sum() for name in method.probes])
+    finally:
+        method.train(was_training)
+    return torch.cat([sums, torch.tensor([float(loader.num_samples)], dtype=torch.float64, device=device)])

@@ -39,7 +39,7 @@ from distillab.engine.device import autocast_dtype, data_parallel, device_name, 
 from distillab.engine.distributed import World, all_reduce_sum, barrier, current_world, local_device
 from distillab.engine.epoch_meter import EpochMeter, NonFiniteLossError
 from distillab.engine.eta import format_duration
-from distillab.engine.evaluate import eval_loader, evaluate_sums
+from distillab.engine.evaluate import eval_loader, evaluate_sums, probe_sums
 from distillab.engine.run_files import SUMMARY_FILE
 from distillab.engine.schedule import learning_rate
 from distillab.engine.stopping import StopSignals, TrainingStopped
@@ -330,6 +330,8 @@ class Trainer:
             for split in self.eval_loaders:  # val (when held out), then test
                 result = self._eval(self.method.deployed_network, split)
                 record[f"{split}_acc"], record[f"{split}_loss"] = result["acc"], result["loss"]
+            if self.method.probes and "val" in self.eval_loaders:
+                record.update(self._probe("val"))
         return record
 
     def train_step(self, batches: Batch | Sequence[Batch], lr: float
@@ -368,6 +370,15 @@ class Trainer:
         correct, loss, n = all_reduce_sum(evaluate_sums(model, self.eval_loaders[split], self.amp_dtype),
                                           self.world).tolist()
         return {"acc": 100.0 * correct / n, "loss": loss / n, "n": n}
+
+    def _probe(self, split: str) -> dict[str, float]:
+        """The method's own metrics (`Method.probe`) as means over `split`, `<split>_probe_<name>`; a cached teacher
+        gives way to the real one meanwhile."""
+        caching = next((c for c in self.callbacks if isinstance(c, TeacherCaching)), None)
+        with caching.real_teacher(self) if caching is not None else contextlib.nullcontext():
+            sums = probe_sums(self.method, self.eval_loaders[split], self.amp_dtype)
+        *totals, n = all_reduce_sum(sums, self.world).tolist()
+        return {f"{split}_probe_{name}": total / n for name, total in zip(self.method.probes, totals, strict=True)}
 
     # -- reporting ----------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -71,6 +71,8 @@ class Method(nn.Module):
     # `self.teacher(images)`) and reads it only through that output and taps made by `tap(teacher, ...)`: the
     # engine may then stand a cache of its outputs in for the teacher (an instance may set it False)
     caches_teacher: ClassVar[bool] = False
+    # the names of what `probe` reports on the validation split; none: the engine never calls it
+    probes: ClassVar[tuple[str, ...]] = ()
     name: ClassVar[str] = ""
 
     def __init__(
@@ -147,6 +149,12 @@ class Method(nn.Module):
 
     def take_logs(self) -> dict[str, torch.Tensor]:
         """Values of the last step to log besides the loss terms (epoch means, as `log_<name>`); cleared here."""
+        return {}
+
+    def probe(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image values (shape B) of each of `probes` on evaluation images, called in eval mode without autograd
+        and with the real teacher (never a cache of it). After each evaluation on the validation split the engine
+        logs their means over the split as `val_probe_<name>`."""
         return {}
 
     def write_outputs(self, run_dir: Path) -> dict[str, Any]:

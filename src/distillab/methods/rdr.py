@@ -13,7 +13,9 @@ f_k regresses its own target on a path from a fixed start x_0 to the teacher fea
 By default x_0 = 0 and the mix is linear, so target_k = (k/K)·t: the share of the teacher that k of the K
 branches can give, since a partial sum in a random order is on average k/K of the full sum. `start: student`
 (x_0 = sg(g(f_1)), the first design) moves with the student and drives the partial sums away from t; it is kept
-as an ablation only. The network continues from act(f_K), the full sum, as the deployed one does.
+as an ablation only. `start: initial` (x_0 = the bridged f_K of frozen copies of the network at initialisation)
+gives intermediate targets that carry more than t: the student walks from where it started to t. The network
+continues from act(f_K), the full sum, as the deployed one does.
 `deploy()` merges the branches into the plain conv + BN of the unmodified architecture: same parameter
 count and FLOPs.
 """
@@ -47,7 +49,7 @@ from distillab.roles import FeatureInfo, roles
 
 Schedule = Literal["linear", "cosine"]
 Mix = Literal["vp", "linear"]
-Start = Literal["zero", "noise", "student", "student_plus_noise"]
+Start = Literal["zero", "noise", "initial", "student", "student_plus_noise"]
 
 
 # -- the diffusion-style schedule -------------------------------------------------------------------
@@ -67,7 +69,10 @@ def mix_coefficients(abar: float, mix: Mix = "vp") -> tuple[float, float]:
 
 def trajectory_start(first: torch.Tensor, start: Start = "zero", sigma: float = 1.0) -> torch.Tensor:
     """x_0, the start of the path to the teacher: zero, pure noise (fresh each step), or (ablations of the first
-    design, a start that moves with the student) the detached bridged f_1, or f_1 plus σ_0·noise."""
+    design, a start that moves with the student) the detached bridged f_1, or f_1 plus σ_0·noise. `initial` comes
+    from frozen copies of the network (`RDR.initial_start`), not from here."""
+    if start == "initial":
+        raise ValueError("start 'initial' is the frozen initial network's feature: see RDR.initial_start")
     if start == "zero":
         return torch.zeros_like(first)
     if start == "noise":
@@ -248,6 +253,17 @@ def bridge(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
 
 
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy without gradients whose BNs normalise with each batch's own statistics, in training and in
+    evaluation mode alike (they keep no running statistics, so nothing in the copy ever changes)."""
+    frozen = copy.deepcopy(module).requires_grad_(False)
+    for m in frozen.modules():
+        if isinstance(m, _BatchNorm):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    return frozen
+
+
 # -- options and the method -----------------------------------------------------------------------
 class RDROptions(MethodOptions):
     renamed: ClassVar[dict[str, str]] = {"beta": "rdr_weight", "kd_T": "temperature"}
@@ -259,7 +275,8 @@ class RDROptions(MethodOptions):
     features: Literal["partial_sum", "single_branch"] = "partial_sum"
     schedule: Schedule = "linear"
     mix: Mix = "linear"
-    start: Start = Field("zero", description="x_0: zero or noise; student, student_plus_noise: first design")
+    start: Start = Field("zero", description="x_0: zero or noise; initial: the bridged feature of the network as it "
+                         "was at initialisation (frozen copies); student, student_plus_noise: first design")
     start_sigma: float = Field(1.0, ge=0, description="σ_0 of start=student_plus_noise")
     sigma_scale: float = Field(0.0, ge=0)
     bridge: Literal["shared", "per_step"] = "shared"
@@ -332,6 +349,13 @@ class RDR(Method):
                        nn.ModuleList(bridge(feature_shape[0], teacher_channels) for _ in range(opts.K)))
         self.abar = abar_schedule(opts.K, opts.schedule)
         self.weights = opts.w_k or [1.0 / opts.K] * opts.K
+        # start: initial: the student and the bridge that maps f_K, frozen as they are now (copied before any tap
+        # hooks them); at K = 1 no target reads x_0, so none is kept
+        self.initial = None
+        if opts.start == "initial" and opts.K > 1:
+            last_bridge = self.bridge if opts.bridge == "shared" else self.bridge[-1]
+            self.initial = nn.ModuleDict({"student": frozen_copy(student), "bridge": frozen_copy(last_bridge)})
+            self.initial_tap = self.tap(self.initial["student"], [self.site.feature])
         branch_names = [f"{self.site.conv}.branches.{i}" for i in range(opts.K)]
         self.student_tap = self.tap(student, [*branch_names, self.site.conv, self.site.feature])
         self.teacher_tap = self.tap(teacher, [self.teacher_name])
@@ -352,7 +376,10 @@ class RDR(Method):
         size = _common_size(bridged[0], target, opts.align_spatial)
         bridged = [align_spatial(h, size, opts.align_spatial) for h in bridged]
         target = align_spatial(target, size, opts.align_spatial)
-        start = trajectory_start(bridged[0].float(), opts.start, opts.start_sigma)
+        if opts.start == "initial":
+            start = self.initial_start(images, target)
+        else:
+            start = trajectory_start(bridged[0].float(), opts.start, opts.start_sigma)
         targets = step_targets(target, start, self.abar, opts.mix, opts.sigma_scale)
         terms = {
             "ce": opts.ce_weight * F.cross_entropy(logits, labels),
@@ -364,6 +391,17 @@ class RDR(Method):
             partial_logits = self.logits_from_feature(torch.cat(features[:-1]))
             terms["tg"] = opts.tg_weight * F.cross_entropy(partial_logits, labels.repeat(opts.K - 1))
         return logits, terms
+
+    @torch.no_grad()
+    def initial_start(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """x_0 of `start: initial`, shaped like the aligned `target`: the feature f_K of the student as it was at
+        initialisation, through the bridge as it was then (frozen copies; their BNs take the batch's statistics).
+        Zero at K = 1, where no target reads it."""
+        if self.initial is None:
+            return torch.zeros_like(target)
+        self.initial["student"](images)
+        (feature,) = self.initial_tap.take()
+        return align_spatial(self.initial["bridge"](feature).float(), tuple(target.shape[-2:]), self.opts.align_spatial)
 
     def bridged(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """g(f_k) for every k: one call of the shared bridge on the K·B batch (one BN over all), or a bridge per k."""
@@ -415,7 +453,8 @@ class RDR(Method):
     def side_parameter_count(self) -> int:
         """The bridge plus what the branches add to the replaced layer."""
         branches = sum(p.numel() for p in self.branches.parameters())
-        return super().side_parameter_count() + branches - self._replaced_params
+        frozen = sum(p.numel() for p in self.initial.parameters()) if self.initial is not None else 0
+        return super().side_parameter_count() + branches - self._replaced_params - frozen
 
 
 def teacher_feature_name(info: FeatureInfo, which: str) -> str:

@@ -12,7 +12,8 @@ Intermediate knowledge is turned into the same distributional form as the logits
 - Variant B (`logit_loss: mlkd`, the authors' final configs): two views per batch (the loader's weak and strong
   views), the logit term is MLKD's (`distillab.methods.mlkd`: CE on both views, kd, cc and bc) with no warm-up,
   and the UniKD terms (feat, supp) are computed on each view and summed.
-Nothing of UniKD is used at test time.
+Nothing of UniKD is used at test time. Each evaluation on a validation split logs how often the FDP heads' modes
+(and the student's logits) agree with the teacher's top-1 class (`probe`, `val_probe_*`).
 """
 
 from __future__ import annotations
@@ -100,10 +101,14 @@ class GaussianHead(nn.Module):
         self.log_var = nn.Linear(in_channels, out_features)
 
     def forward(self, feature: torch.Tensor, noise: torch.Tensor | None = None):
-        pooled = feature.mean(dim=(2, 3)) if feature.dim() == 4 else feature
-        mean, log_var = self.mean(pooled), self.log_var(pooled)
+        mean, log_var = self.moments(feature)
         noise = torch.randn_like(mean) if noise is None else noise
         return mean + torch.exp(0.5 * log_var) * noise, mean, log_var
+
+    def moments(self, feature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, log_var) of the predicted Gaussian, without a sample."""
+        pooled = feature.mean(dim=(2, 3)) if feature.dim() == 4 else feature
+        return self.mean(pooled), self.log_var(pooled)
 
 
 def default_teacher_feature(info: FeatureInfo) -> str:
@@ -166,6 +171,7 @@ class UniKDOptions(MethodOptions):
 class UniKD(StrongView, Method):
     caches_teacher = True  # Variant A; Variant B runs the teacher on the strong view too (set in __init__)
     Options = UniKDOptions
+    probes = ("teacher_agree", "student_agree", "logits_agree")
 
     def __init__(self, student, teacher=None, **options) -> None:
         super().__init__(student, teacher, **options)
@@ -236,6 +242,20 @@ class UniKD(StrongView, Method):
         terms["feat"] = o.feat_weight * feat
         terms["supp"] = o.supp_weight * supp
         return logits, terms
+
+    @torch.no_grad()
+    def probe(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per image, 100 where the argmax of an FDP head's predicted mean (its Gaussian's mode, no sample) is the
+        teacher's own top-1 class, else 0: the teacher side (`teacher_agree`, from the teacher's map) and the
+        student side (`student_agree`, from the fused student levels); `logits_agree`, the student's own top-1
+        against the teacher's, is the reference for both."""
+        teacher_top = self.teacher(images).argmax(1)
+        (teacher_feature,) = self.teacher_tap.take()
+        logits = self.student(images)
+        fused = self.aff(self.student_tap.take())
+        scores = {"teacher_agree": self.fdp_teacher.moments(teacher_feature)[0],
+                  "student_agree": self.fdp_student.moments(fused)[0], "logits_agree": logits}
+        return {name: 100.0 * (score.argmax(1) == teacher_top).float() for name, score in scores.items()}
 
     def _logit_loss(self, logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         o = self.opts
