@@ -407,3 +407,19 @@ def test_wrn_dropout_is_off_by_default_and_optional():
 def test_unknown_name_suggests_the_closest():
     with pytest.raises(UnknownNameError, match=r"did you mean 'resnet8x4'"):
         build("resnet8x5")
+
+
+@pytest.mark.parametrize(("name", "width", "widths"), [("resnet8", 0.5, (8, 8, 16, 32)),
+                                                       ("resnet20", 0.25, (4, 4, 8, 16)),
+                                                       ("resnet8x4", 0.5, (16, 32, 64, 128))])
+def test_a_cifar_resnet_at_a_fraction_of_its_width(name, width, widths):
+    """`width` scales every stage: the count follows the formula at the scaled widths, the roles and the forward
+    follow, and width 1 is the zoo model itself."""
+    depth = int(name[len("resnet"):].partition("x")[0])
+    model = build(name, num_classes=100, width=width)
+    assert _n_params(model) == _resnet_cifar(depth, widths, 100) < PARAMS[name]
+    assert model.stage_channels == list(widths[1:])
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+    assert _n_params(build(name, num_classes=100, width=1.0)) == PARAMS[name]
+    with pytest.raises(ValueError, match="width must be in"):
+        build(name, num_classes=100, width=0)

@@ -14,7 +14,8 @@ from distillab.models.staged import ClassifierHead, StagedNet
 class CifarResNet(StagedNet):
     """3x3 stem (stride 1), three stages of n BasicBlocks (strides 1, 2, 2), global pool, fc.
 
-    `widths` = (stem, stage 1, stage 2, stage 3) channels; `depth` = 6n + 2.
+    `widths` = (stem, stage 1, stage 2, stage 3) channels; `depth` = 6n + 2; `width` scales every one of them
+    (rounded, at least 1 channel): 0.5 gives a half-width network, a student of less capacity than its zoo name.
     """
 
     def __init__(
@@ -23,10 +24,14 @@ class CifarResNet(StagedNet):
         widths: tuple[int, int, int, int],
         num_classes: int = 100,
         in_channels: int = 3,
+        width: float = 1.0,
     ) -> None:
         super().__init__(in_channels)
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 with n >= 1, got {depth}")
+        if not 0 < width <= 16:
+            raise ValueError(f"CIFAR ResNet width must be in (0, 16], got {width}")
+        widths = tuple(max(1, round(w * width)) for w in widths)
         n = (depth - 2) // 6
         self.stem = conv_bn(in_channels, widths[0], 3)
         stages = []
