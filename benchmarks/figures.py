@@ -71,6 +71,12 @@ FIGURES: tuple[Figure, ...] = (
     Figure("results/fashion_mnist_plateau_noaug.png", "accuracy", "results/fashion_mnist_plateau_noaug.json"),
     Figure("results/fashion_mnist_plateau_noaug_epochs.png", "plateau", "results/fashion_mnist_plateau_noaug.json",
            CONVERGED),
+    # Leaderboard v2's plateau (the student alone on 5,000 images as 8 views), with its run records.
+    Figure("results/fashion_mnist_v2_plateau.png", "accuracy", "results/fashion_mnist_v2_plateau.json"),
+    Figure("results/fashion_mnist_v2_plateau_curves.png", "curves", "results/fashion_mnist_v2_plateau.json",
+           "results/runs/fashion_mnist_v2"),
+    Figure("results/fashion_mnist_v2_plateau_epochs.png", "plateau", "results/fashion_mnist_v2_plateau.json",
+           "results/runs/fashion_mnist_v2"),
     # The earlier 6-epoch, 3-seed suites (results/fashion_mnist_short_budget.md): their JSONs only, no run
     # records, so no per-epoch curves; file names as their .md files link them.
     Figure("results/fashion_mnist_all_accuracy.png", "accuracy", "results/fashion_mnist_all.json"),
