@@ -129,3 +129,22 @@ def untrained_digits_teacher(tmp_path_factory) -> str:
     torch.manual_seed(5)
     save_safetensors(fit_to_digits(models.build("resnet8", num_classes=10, in_channels=1)), path)
     return str(path)
+
+
+def shrink_demo(monkeypatch) -> None:
+    """The demo on a resnet8 teacher trained 3 epochs (above chance) and 1-epoch students on 100 images."""
+    from distillab import demo
+
+    real = demo.demo_configs
+
+    def tiny(output_dir, seeds=1):
+        teacher, students = real(output_dir, seeds)
+
+        def shrink(cfg, epochs, subset):
+            return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs}),
+                                          "data": cfg.data.model_copy(update={"train_subset": subset})})
+
+        return shrink(teacher, 3, None), [shrink(c, 1, 100) for c in students]
+
+    monkeypatch.setattr(demo, "TEACHER", "resnet8")
+    monkeypatch.setattr(demo, "demo_configs", tiny)

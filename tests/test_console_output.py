@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from conftest import tiny_config
-from distillab import demo, methods
+from conftest import shrink_demo, tiny_config
+from distillab import methods
 from distillab.cli import CLOSED_PIPE, main
 from distillab.engine.eta import RunClock, evaluates, evaluations_left, format_duration, run_eta
 
@@ -88,19 +88,7 @@ def test_run_eta_projects_the_timed_epochs_over_those_left():
 
 
 def test_demo_numbers_its_runs(tmp_path, monkeypatch, capsys):
-    real = demo.demo_configs
-
-    def tiny(output_dir, seeds=1):  # a resnet8 teacher trained 3 epochs (above chance), students 1 on 100 images
-        teacher, students = real(output_dir, seeds)
-
-        def shrink(cfg, epochs, subset):
-            return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs}),
-                                          "data": cfg.data.model_copy(update={"train_subset": subset})})
-
-        return shrink(teacher, 3, None), [shrink(c, 1, 100) for c in students]
-
-    monkeypatch.setattr(demo, "TEACHER", "resnet8")
-    monkeypatch.setattr(demo, "demo_configs", tiny)
+    shrink_demo(monkeypatch)
     argv = ["demo", "--output-dir", str(tmp_path / "demo"), "--seeds", "1"]
     assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()

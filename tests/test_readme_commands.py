@@ -26,7 +26,8 @@ import pytest
 import torch
 import yaml
 
-from distillab import demo, models, published
+from conftest import shrink_demo
+from distillab import models, published
 from distillab.cli import main
 from distillab.data import cifar
 from test_peer_checkpoints import LAYOUTS
@@ -104,23 +105,6 @@ def tiny_converged_budget(work: Path) -> None:
     target.write_text(yaml.safe_dump(budget))
 
 
-def tiny_demo(monkeypatch) -> None:
-    """The demo on a resnet8 teacher (3 epochs) and 1-epoch students on 100 images."""
-    real = demo.demo_configs
-
-    def tiny(output_dir, seeds=1):
-        teacher, students = real(output_dir, seeds)
-
-        def shrink(cfg, epochs, subset):
-            return cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs}),
-                                          "data": cfg.data.model_copy(update={"train_subset": subset})})
-
-        return shrink(teacher, 3, None), [shrink(c, 1, 100) for c in students]
-
-    monkeypatch.setattr(demo, "TEACHER", "resnet8")
-    monkeypatch.setattr(demo, "demo_configs", tiny)
-
-
 @dataclasses.dataclass
 class Step:
     """How the test runs one README command: `add` goes after it; `setup(work, monkeypatch)` runs first;
@@ -165,7 +149,7 @@ PLAN: dict[str, Step] = {
     "distillab teachers": Step(),
     "distillab models": Step(),
     "distillab methods": Step(),
-    "distillab demo": Step(setup=lambda work, mp: tiny_demo(mp)),
+    "distillab demo": Step(setup=lambda work, mp: shrink_demo(mp)),
     "python -m distillab models": Step(),
     "distillab teachers fetch cifar100_vgg13_repdistiller --from ckpt_epoch_240.pth": Step(
         setup=lambda work, mp: peer_file(work / "ckpt_epoch_240.pth", "vgg13")),
